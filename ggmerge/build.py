@@ -1,0 +1,198 @@
+"""``ggmerge build``: run a recipe in one streaming pass and write the HF model.
+
+    recipe (YAML) → sources → plan (every error found here) → Evaluator (per tensor) → HFWriter
+
+The output folder (default ``out/<name>/`` beside the recipe) holds sharded bf16 safetensors,
+config.json, generation_config.json, the merged tokenizer with its chat template, a model card with the
+recipe, lineage and hashes, and ``ggmerge-build.json`` — the record ``ggmerge quantize`` and re-runs use.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import GGMergeError
+from .fingerprint import combined, fingerprint, sha256_file
+from .recipe.plan import Inputs, StageInfo, plan_recipe
+from .recipe.schema import Recipe, load_recipe
+from .sources import open_source
+from .stream import Evaluator
+
+log = logging.getLogger(__name__)
+
+RECORD = "ggmerge-build.json"
+
+
+@dataclass
+class Prepared:
+    recipe: Recipe
+    inputs: Inputs
+    infos: list[StageInfo]
+    leaf_paths: dict[str, Path]
+
+    def close(self) -> None:
+        for src in self.inputs.sources.values():
+            src.close()
+
+
+def default_output(recipe: Recipe) -> Path:
+    return recipe.path.resolve().parent / "out" / recipe.name
+
+
+def prepare(recipe_path: str | os.PathLike = "ggmerge.yaml", *, offline: bool = True) -> Prepared:
+    """Load, open and plan; raises GGMergeError for any problem before anything is written."""
+    from .tokenizer.hf_vocab import read_hf
+
+    recipe = load_recipe(recipe_path)
+    root = recipe.path.resolve().parent
+    sources, vocabs, paths = {}, {}, {}
+    try:
+        for ref in recipe.leaf_refs():
+            local = Path(os.path.expanduser(ref))
+            local = local if local.is_absolute() else root / local
+            src = open_source(local if local.exists() else ref, offline=offline)
+            sources[ref] = src
+            paths[ref] = Path(src.path)
+            tdir = src.tokenizer_dir()
+            vocabs[ref] = read_hf(tdir) if tdir is not None else None
+        inputs = Inputs(recipe, sources, vocabs)
+        infos = plan_recipe(recipe, inputs)
+    except BaseException:
+        for s in sources.values():
+            s.close()
+        raise
+    return Prepared(recipe, inputs, infos, paths)
+
+
+def describe(p: Prepared) -> dict:
+    """What ``--dry-run`` prints: stages, inputs, methods, tensor count, memory and disk estimates."""
+    out_info = p.infos[-1]
+    jobs = list(out_info.jobs.values())
+    numel = [_numel(j.shape) for j in jobs]
+    # upper bound of float32 values alive at once for the largest tensor: every distinct graph node
+    nodes = _graph_nodes(p, out_info.stage.label)
+    largest = max(numel) if numel else 0
+    return {
+        "name": p.recipe.name,
+        "recipe": str(p.recipe.path),
+        "stages": [
+            {
+                "name": i.stage.label,
+                "method": i.stage.method.name,
+                "base": i.stage.base,
+                "models": [m.ref for m in i.stage.all_models()],
+                "tokenizer": i.stage.tokenizer_source or "base model's",
+                "tensors": len(i.jobs),
+            }
+            for i in p.infos
+        ],
+        "inputs": {ref: str(path) for ref, path in p.leaf_paths.items()},
+        "output_tensors": len(jobs),
+        "parameters": sum(numel),
+        "vocab_size": out_info.config.get("vocab_size"),
+        "disk_bytes": sum(n * _itemsize(out_info.stage) for n in numel),
+        "peak_memory_bytes": largest * 4 * nodes,
+    }
+
+
+def _graph_nodes(p: Prepared, label: str) -> int:
+    seen = set()
+
+    def walk(ref: str):
+        if ref in seen:
+            return
+        seen.add(ref)
+        st = p.recipe.stage(ref) if ref != "output" else p.recipe.output
+        if st is not None:
+            for r in st.inputs():
+                walk(r)
+
+    walk(p.recipe.output.name or "output")
+    return len(seen)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _itemsize(stage) -> int:
+    import torch
+
+    dt = stage.out_dtype or stage.dtype
+    return torch.empty((), dtype=dt).element_size()
+
+
+def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: bool = False,
+          force: bool = False, offline: bool = True) -> Path | None:
+    """Run ``recipe`` and write the merged HF model; returns the output folder (None for a dry run)."""
+    from .tokenizer.templates import resolve_template
+    from .writers.card import model_card
+    from .writers.hf import HFWriter
+    from . import progress
+
+    p = prepare(recipe, offline=offline)
+    try:
+        out = Path(output) if output else default_output(p.recipe)
+        if dry_run:
+            from .report import print_plan
+            print_plan(describe(p), out)
+            return None
+        inputs_fp = {ref: fingerprint(path) for ref, path in p.leaf_paths.items()}
+        inputs_hash = combined({ref: combined(fp) for ref, fp in inputs_fp.items()})
+        record = out / RECORD
+        if not force and record.is_file():
+            try:
+                prev = json.loads(record.read_text())
+            except ValueError:
+                prev = {}
+            if prev.get("recipe_sha256") == p.recipe.sha256 and prev.get("inputs_sha256") == inputs_hash:
+                log.info("%s is up to date (same recipe and inputs); use --force to rebuild", out)
+                return out
+        info = p.infos[-1]
+        stage = info.stage
+        vocab = info.vocab
+        if vocab is not None and stage.chat_template:
+            vocab.chat_template = resolve_template(stage.chat_template, base_dir=p.recipe.path.parent)
+        meta = {"ggmerge.version": __version__, "ggmerge.recipe_sha256": p.recipe.sha256,
+                "ggmerge.inputs_sha256": inputs_hash}
+        ev = Evaluator(p.recipe, p.inputs)
+        jobs = ev.output_jobs()
+        dtype = stage.out_dtype or stage.dtype
+        total = sum(_numel(j.shape) for j in jobs) * _itemsize(stage)
+        writer = HFWriter(out, max_shard_bytes=p.recipe.shard_size, dtype=dtype, metadata=meta)
+        with writer:
+            with progress.track(f"Merging {p.recipe.name}", total, len(jobs)) as bar:
+                for job in jobs:
+                    t = ev.tensor(job.name)
+                    writer.add(job.name, t)
+                    bar.advance(t.numel() * _itemsize(stage), 1, job.name)
+                    del t
+            card = model_card(
+                p.recipe.name, p.recipe.text,
+                lineage=[str(x) for x in p.recipe.leaf_refs()],
+                input_hashes={ref: combined(fp) for ref, fp in inputs_fp.items()},
+                output_hashes={},
+            )
+            record_body = {
+                "name": p.recipe.name,
+                "output": str(out),
+                "recipe": str(p.recipe.path.resolve()),
+                "recipe_sha256": p.recipe.sha256,
+                "inputs_sha256": inputs_hash,
+                "inputs": inputs_fp,
+                "seed": p.recipe.seed,
+                "ggmerge_version": __version__,
+            }
+            writer.finish(info.config, vocab, {"README.md": card,
+                                               RECORD: json.dumps(record_body, indent=2) + "\n"})
+        log.info("peak in-flight tensors: %.1f MB float32", ev.peak_elements * 4 / 1e6)
+        return out
+    finally:
+        p.close()

@@ -1,0 +1,139 @@
+"""The ``ggmerge`` command: parses arguments and dispatches to one library function per verb.
+
+Each verb's flags are exactly the keyword arguments of its function (``build(**vars(args))``), so
+everything the CLI does can be done from Python too.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import GGMergeError
+
+EPILOG = """examples:
+  ggmerge build                          # run ./ggmerge.yaml, write out/<name>/ (HF bf16)
+  ggmerge build --dry-run                # show stages, inputs, tensor count, memory and disk estimates
+  ggmerge quantize q4_k_m                # quantize the latest build to out/<name>.Q4_K_M.gguf
+  ggmerge convert ./model -o model.gguf --outtype bf16 --chat-template vicuna
+  ggmerge convert model.Q4_K_M.gguf -o ./model-hf
+  ggmerge inspect out/ninja.Q4_K_M.gguf
+  ggmerge verify out/ninja.Q4_K_M.gguf --hf out/ninja
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ggmerge", description="Merge LLMs from a mergekit-style recipe in one streaming pass and "
+        "export HF bf16 and llama.cpp GGUF (incl. K-quants).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="verb", metavar="COMMAND")
+
+    b = sub.add_parser("build", help="run a merge recipe and write the HF bf16 model",
+                       epilog="example: ggmerge build examples/ninja-v1-rp-expressive/ggmerge.yaml --dry-run",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("recipe", nargs="?", default="ggmerge.yaml", help="recipe file (default: ./ggmerge.yaml)")
+    b.add_argument("-o", "--output", help="output folder (default: out/<name>/ beside the recipe)")
+    b.add_argument("--dry-run", action="store_true", help="plan only: print stages, inputs and estimates")
+    b.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    b.add_argument("--online", dest="offline", action="store_false",
+                   help="allow downloading Hub models that are not in the local HF cache")
+
+    q = sub.add_parser("quantize", help="write a quantized GGUF (q4_k_m, q6_k, q8_0, ...)",
+                       epilog="examples:\n  ggmerge quantize q4_k_m\n  ggmerge quantize Q6_K model.bf16.gguf -o m.Q6_K.gguf",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("type", help="llama.cpp file type, case-insensitive (e.g. q4_k_m)")
+    q.add_argument("input", nargs="?", help="BF16/F16/F32 GGUF or HF folder (default: the latest build)")
+    q.add_argument("-o", "--output", help="output file (default: <name>.<TYPE>.gguf beside the build)")
+    q.add_argument("--force", action="store_true", help="overwrite an existing output")
+    q.add_argument("--recipe", default="ggmerge.yaml", help="recipe whose build to quantize (default: ./ggmerge.yaml)")
+
+    c = sub.add_parser("convert", help="HF folder → GGUF, or GGUF → HF folder",
+                       epilog="examples:\n  ggmerge convert ./model -o model.f16.gguf --outtype f16\n"
+                              "  ggmerge convert model.gguf -o ./model-hf",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("input", help="HF model folder, or a .gguf file")
+    c.add_argument("-o", "--output", required=True, help="output .gguf file, or output folder for GGUF → HF")
+    c.add_argument("--outtype", default="bf16", help="GGUF tensor type: f32, f16, bf16, q8_0 (default bf16)")
+    c.add_argument("--chat-template", help="'vicuna', or a Jinja file, to set or replace the chat template")
+    c.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+    i = sub.add_parser("inspect", help="architecture, vocab, template, special tokens and tensors of a model")
+    i.add_argument("path", help="a .gguf file or an HF model folder")
+    i.add_argument("--tensors", action="store_true", help="list every tensor")
+
+    v = sub.add_parser("verify", help="compare GGUF files in llama.cpp with the HF model in transformers")
+    v.add_argument("gguf", nargs="+", help="GGUF file(s) to check")
+    v.add_argument("--hf", help="HF model folder (default: the build the GGUF came from)")
+    v.add_argument("--text", help="text to score (default: the seed's role-play prompt)")
+
+    ch = sub.add_parser("chat", help="one Vicuna-format turn through llama.cpp (a smoke test)")
+    ch.add_argument("gguf", help="GGUF file")
+    ch.add_argument("message", help="the user message")
+    ch.add_argument("--system", default="", help="system prompt")
+    ch.add_argument("--max-tokens", type=int, default=64)
+    return p
+
+
+def _dispatch(args: argparse.Namespace):
+    kw = {k: v for k, v in vars(args).items() if k not in ("verb", "debug", "quiet")}
+    if args.verb == "build":
+        from .build import build
+        return build(**kw)
+    if args.verb == "quantize":
+        from .quantize import quantize
+        return quantize(**kw)
+    if args.verb == "convert":
+        from .convert import convert
+        return convert(**kw)
+    if args.verb == "inspect":
+        from .inspect import inspect
+        return inspect(**kw)
+    if args.verb == "verify":
+        from .verify import verify
+        return verify(**kw)
+    if args.verb == "chat":
+        from .chat import chat
+        return chat(**kw)
+    raise AssertionError(args.verb)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.verb:
+        parser.print_help()
+        return 2
+    from rich.logging import RichHandler
+    from .progress import console
+
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=console, show_path=args.debug, markup=False)])
+    try:
+        result = _dispatch(args)
+    except GGMergeError as exc:
+        if args.debug:
+            raise
+        print(f"ggmerge: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("ggmerge: interrupted; no partial output was left at the final path", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"ggmerge: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if result is not None and not isinstance(result, int):
+        logging.getLogger("ggmerge").info("wrote %s", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The one user-facing error type.
+
+Every failure a user can cause (a bad recipe, a broken model file, a full disk) is raised as a
+:class:`GGMergeError` carrying the file and, where known, the tensor or recipe key. The CLI prints it
+as one line and exits non-zero; tracebacks are shown only with ``--debug``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class GGMergeError(Exception):
+    """An error a user can act on: *where* (file, tensor/key) and *what*."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike | None = None,
+        tensor: str | None = None,
+        key: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = Path(path) if path is not None else None
+        self.tensor = tensor
+        self.key = key
+
+    def __str__(self) -> str:
+        where = []
+        if self.path is not None:
+            where.append(str(self.path))
+        if self.key is not None:
+            where.append(f"key '{self.key}'")
+        if self.tensor is not None:
+            where.append(f"tensor '{self.tensor}'")
+        return (": ".join(where) + ": " if where else "") + self.message
+
+
+def did_you_mean(word: str, choices) -> str:
+    """A ' (did you mean 'x'?)' suffix for an unknown name, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,0 +1,287 @@
+"""Plan: from a validated recipe and opened sources to one job per output tensor.
+
+Everything that can be wrong with the inputs — a missing tensor, shapes that disagree, vocabularies
+of different sizes without a tokenizer strategy, layer ranges past the end of a model — is found
+here, before the first byte is written, and reported with the file and tensor.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..arch import family_for
+from ..errors import GGMergeError
+from ..tokenizer.vocab import Vocab
+from .schema import ModelInput, Recipe, Stage
+
+log = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")
+
+
+@dataclass
+class Operand:
+    """One input of a tensor job: which model/stage, which of its tensors, with which raw parameters."""
+    ref: str
+    tensor: str
+    params: dict
+    is_base: bool = False
+
+
+@dataclass
+class TensorJob:
+    name: str                       # output tensor name in the stage's namespace
+    shape: tuple[int, ...]
+    operands: list[Operand]
+    slice_params: dict              # slice-level parameter overrides (slices form)
+    layer: int | None               # index within the slice (for gradients)
+    span: int                       # number of layers in the slice
+    vocab_rows: bool = False        # indexed by token id (remapped by the stage's tokenizer)
+
+
+@dataclass
+class StageInfo:
+    stage: Stage
+    config: dict
+    vocab: Vocab | None
+    #: per input ref: merged-id → that input's row (or -1); None when no remapping is needed
+    row_maps: dict[str, np.ndarray] | None
+    jobs: dict[str, TensorJob] = field(default_factory=dict)
+    #: family module (names, permutations, vocab tensors)
+    family: object = None
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self.jobs)
+
+
+class Inputs:
+    """Lazy access to what stages read: opened sources for model references, StageInfo for stages."""
+
+    def __init__(self, recipe: Recipe, sources: dict, vocabs: dict[str, Vocab | None]):
+        self.recipe = recipe
+        self.sources = sources          # ref -> TensorSource
+        self.vocabs = vocabs            # ref -> Vocab (leaf refs)
+        self.infos: dict[str, StageInfo] = {}
+
+    def is_stage(self, ref: str) -> bool:
+        return self.recipe.stage(ref) is not None
+
+    def info(self, ref: str) -> StageInfo:
+        return self.infos[self.recipe.stage(ref).label]
+
+    def where(self, ref: str) -> str:
+        return f"stage '{self.recipe.stage(ref).label}'" if self.is_stage(ref) else str(self.sources[ref].path)
+
+    def names(self, ref: str) -> list[str]:
+        if self.is_stage(ref):
+            return self.info(ref).tensor_names
+        src = self.sources[ref]
+        names = list(src.names())
+        cfg = src.config()
+        if "lm_head.weight" not in names and cfg.get("tie_word_embeddings") and "model.embed_tokens.weight" in names:
+            names.append("lm_head.weight")  # served from the tied embedding
+        return names
+
+    def shape(self, ref: str, name: str) -> tuple[int, ...]:
+        if self.is_stage(ref):
+            return self.info(ref).jobs[name].shape
+        src = self.sources[ref]
+        if name == "lm_head.weight" and name not in src.names():
+            name = "model.embed_tokens.weight"
+        return tuple(src.shape(name))
+
+    def config(self, ref: str) -> dict:
+        return self.info(ref).config if self.is_stage(ref) else self.sources[ref].config()
+
+    def vocab(self, ref: str) -> Vocab | None:
+        return self.info(ref).vocab if self.is_stage(ref) else self.vocabs.get(ref)
+
+
+def plan_recipe(recipe: Recipe, inputs: Inputs) -> list[StageInfo]:
+    for st in recipe.stages:
+        inputs.infos[st.label] = plan_stage(st, inputs, recipe)
+    return [inputs.infos[s.label] for s in recipe.stages]
+
+
+def plan_stage(st: Stage, inputs: Inputs, recipe: Recipe) -> StageInfo:
+    anchor = st.base or st.all_models()[0].ref
+    config = dict(inputs.config(anchor))
+    family = family_for(config, path=inputs.where(anchor))
+    for ref in st.inputs():
+        family_for(inputs.config(ref), path=inputs.where(ref))
+
+    vocab, row_maps = _plan_vocab(st, inputs, config)
+    info = StageInfo(stage=st, config=config, vocab=vocab, row_maps=row_maps, family=family)
+    out_rows = None
+    if vocab is not None and row_maps is not None:
+        out_rows = len(next(iter(row_maps.values())))
+
+    if st.slices is None:
+        _plan_models_form(st, inputs, info, anchor, out_rows)
+    else:
+        _plan_slices_form(st, inputs, info, out_rows)
+
+    if out_rows is not None:
+        config["vocab_size"] = out_rows
+    if vocab is not None:
+        for key, tid in (("bos_token_id", vocab.bos_id), ("eos_token_id", vocab.eos_id), ("pad_token_id", vocab.pad_id)):
+            if tid is not None:
+                config[key] = tid
+    if "lm_head.weight" not in info.jobs:
+        config["tie_word_embeddings"] = True
+    return info
+
+
+def _operands_for(st: Stage, models: list[ModelInput], base: str | None, name_of) -> list[Operand]:
+    ops: list[Operand] = []
+    if base is not None:
+        base_entry = next((m for m in models if m.ref == base), None)
+        ops.append(Operand(base, name_of(base_entry), dict(base_entry.params) if base_entry else {}, is_base=True))
+    for m in models:
+        if base is not None and m.ref == base:
+            continue
+        ops.append(Operand(m.ref, name_of(m), dict(m.params)))
+    return ops
+
+
+def _plan_models_form(st: Stage, inputs: Inputs, info: StageInfo, anchor: str, out_rows):
+    n_layers = int(info.config.get("num_hidden_layers", 0))
+    for name in inputs.names(anchor):
+        if any(rx.match(name) for rx in info.family.IGNORED):
+            continue
+        m = _LAYER.match(name)
+        layer = int(m.group(2)) if m else None
+        ops = _operands_for(st, st.models, st.base, lambda _m, n=name: n)
+        job = TensorJob(name=name, shape=(), operands=ops, slice_params={}, layer=layer, span=n_layers,
+                        vocab_rows=name in info.family.VOCAB_TENSORS)
+        job.shape = _check_shapes(job, inputs, info, out_rows)
+        info.jobs[name] = job
+    _check_extra_tensors(st, inputs, info)
+
+
+def _plan_slices_form(st: Stage, inputs: Inputs, info: StageInfo, out_rows):
+    first, last = st.slices[0], st.slices[-1]
+    anchor = first.sources[0].ref
+    layer_free = [n for n in inputs.names(anchor) if not _LAYER.match(n)]
+    out_layer = 0
+    pending_post = []
+    for n in layer_free:
+        post = n in ("model.norm.weight", "lm_head.weight")
+        sl = last if post else first
+        job = TensorJob(name=n, shape=(), operands=_operands_for(st, sl.sources, sl.base, lambda _m, n=n: n),
+                        slice_params=dict(sl.params), layer=None, span=1,
+                        vocab_rows=n in info.family.VOCAB_TENSORS)
+        if post:
+            pending_post.append(job)  # written after the layers, as in the model
+        else:
+            info.jobs[n] = job
+    for sl in st.slices:
+        start0, end0 = sl.sources[0].layer_range
+        span = end0 - start0
+        for k in range(span):
+            # tensors of this layer, named after the first source's layer
+            src_names = [n for n in inputs.names(sl.sources[0].ref)
+                         if (m := _LAYER.match(n)) and int(m.group(2)) == start0 + k]
+            if not src_names:
+                raise GGMergeError(f"layer_range {list(sl.sources[0].layer_range)} goes past the model's "
+                                   f"layers (no layer {start0 + k})", path=inputs.where(sl.sources[0].ref))
+            for n in src_names:
+                suffix = _LAYER.match(n).group(3)
+                out_name = f"model.layers.{out_layer}{suffix}"
+
+                def name_of(mi, suffix=suffix, k=k):
+                    lr = mi.layer_range if mi is not None else sl.sources[0].layer_range
+                    return f"model.layers.{lr[0] + k}{suffix}"
+
+                job = TensorJob(name=out_name, shape=(), operands=_operands_for(st, sl.sources, sl.base, name_of),
+                                slice_params=dict(sl.params), layer=k, span=span)
+                info.jobs[out_name] = job
+            out_layer += 1
+    for job in pending_post:
+        info.jobs[job.name] = job
+    for job in info.jobs.values():
+        job.shape = _check_shapes(job, inputs, info, out_rows)
+    info.config["num_hidden_layers"] = out_layer
+
+
+def _check_shapes(job: TensorJob, inputs: Inputs, info: StageInfo, out_rows) -> tuple[int, ...]:
+    shapes = []
+    for op in job.operands:
+        if op.tensor not in set(inputs.names(op.ref)):
+            raise GGMergeError(f"missing tensor (needed by stage '{info.stage.label}')",
+                               path=inputs.where(op.ref), tensor=op.tensor)
+        shapes.append(inputs.shape(op.ref, op.tensor))
+    if job.vocab_rows and info.row_maps is not None:
+        cols = {s[1:] for s in shapes}
+        if len(cols) != 1:
+            raise _shape_error(job, inputs, shapes, info)
+        return (out_rows, *shapes[0][1:])
+    if len(set(shapes)) != 1:
+        if job.vocab_rows:
+            detail = ", ".join(f"{inputs.where(op.ref)}: {s[0]}" for op, s in zip(job.operands, shapes))
+            raise GGMergeError(
+                f"vocabulary sizes differ ({detail}) in stage '{info.stage.label}'; set "
+                f"'tokenizer_source: union' (or 'base', or a model) to merge them", tensor=job.name,
+                path=inputs.recipe.path)
+        raise _shape_error(job, inputs, shapes, info)
+    return shapes[0]
+
+
+def _shape_error(job, inputs, shapes, info):
+    detail = ", ".join(f"{inputs.where(op.ref)} has {list(s)}" for op, s in zip(job.operands, shapes))
+    return GGMergeError(f"shape mismatch in stage '{info.stage.label}': {detail}", tensor=job.name,
+                        path=inputs.where(job.operands[-1].ref))
+
+
+def _check_extra_tensors(st: Stage, inputs: Inputs, info: StageInfo) -> None:
+    expected = set(info.jobs)
+    for ref in st.inputs():
+        extra = [n for n in inputs.names(ref) if n not in expected
+                 and not any(rx.match(n) for rx in info.family.IGNORED)]
+        if extra:
+            log.warning("%s: %d tensor(s) not in the base model are ignored (e.g. %s)",
+                        inputs.where(ref), len(extra), extra[0])
+
+
+def _plan_vocab(st: Stage, inputs: Inputs, config: dict):
+    """The stage's output vocabulary and, when rows must be remapped, a map per input."""
+    from ..tokenizer import union as union_mod
+
+    refs = st.inputs()
+    anchor = st.base or refs[0]
+    src = st.tokenizer_source
+    if src is None:
+        return inputs.vocab(anchor), None
+    vocabs = []
+    for r in refs:
+        v = inputs.vocab(r)
+        if v is None:
+            raise GGMergeError(f"tokenizer_source '{src}' needs a tokenizer, but this model has none",
+                               path=inputs.where(r))
+        vocabs.append(v)
+    if src == "union":
+        merged, maps = union_mod.union_vocab(vocabs, base=refs.index(anchor))
+    else:
+        donor = anchor if src == "base" else src
+        if donor not in refs:
+            if inputs.recipe.stage(donor) is None and donor not in inputs.sources:
+                raise GGMergeError(f"tokenizer_source '{donor}' is not one of this stage's models",
+                                   path=inputs.recipe.path, key="tokenizer_source")
+        dv = inputs.vocab(donor)
+        merged, maps = union_mod.vocab_from_donor(dv, vocabs)
+    if st.pad_to_multiple_of:
+        maps = [_pad_map(m, st.pad_to_multiple_of) for m in maps]
+    return merged, dict(zip(refs, maps))
+
+
+def _pad_map(m: np.ndarray, multiple: int) -> np.ndarray:
+    n = len(m)
+    target = -(-n // multiple) * multiple
+    if target == n:
+        return m
+    return np.concatenate([m, np.full(target - n, -1, dtype=m.dtype)])

@@ -1,0 +1,423 @@
+"""Recipe files: mergekit's YAML (single or multi-document), validated once into typed stages.
+
+A recipe is one or more YAML documents. Each document is a mergekit ``MergeConfiguration`` (``models`` or
+``slices``, ``merge_method``, ``base_model``, ``parameters``, ``dtype``, ``tokenizer_source`` /
+``tokenizer``, ``chat_template``). As in ``mergekit-multi``, a document with ``name:`` is an intermediate
+stage that later documents refer to by that name (``./name`` also works, which is how the seed's model
+card spells them); the document without ``name:`` (or else the last one) is the output.
+
+ggmerge's own settings live under an optional ``ggmerge:`` mapping in the output document; mergekit
+ignores unknown keys, so the file stays a valid mergekit-multi recipe.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..dtypes import parse_dtype
+from ..errors import GGMergeError, did_you_mean
+from ..methods import METHODS, Method
+from .yamlload import Node, Seq, load_documents
+
+DOC_KEYS = {
+    "name", "merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", "tokenizer", "chat_template", "modules", "ggmerge",
+}
+MODEL_KEYS = {"model", "parameters", "layer_range"}
+SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
+TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
+GGMERGE_KEYS = {"name", "seed", "shard_size", "keep_stages"}
+
+#: parameters with a known valid range: name → (low, high, low_inclusive)
+RANGES = {
+    "density": (0.0, 1.0, False),
+    "t": (0.0, 1.0, True),
+    "gamma": (0.0, 1.0, True),
+    "epsilon": (0.0, 1.0, True),
+}
+
+
+@dataclass
+class ModelInput:
+    ref: str
+    params: dict = field(default_factory=dict)
+    layer_range: tuple[int, int] | None = None
+    line: int = 0
+
+
+@dataclass
+class Slice:
+    sources: list[ModelInput]
+    base: str | None = None
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    name: str                      # "" for the output stage
+    method: Method
+    base: str | None
+    models: list[ModelInput]       # the `models:` form (empty when `slices:` is used)
+    slices: list[Slice] | None
+    params: dict
+    dtype: torch.dtype
+    out_dtype: torch.dtype | None
+    tokenizer_source: str | None   # "union" | "base" | a model/stage reference | None
+    pad_to_multiple_of: int | None
+    chat_template: str | None
+    line: int
+
+    @property
+    def label(self) -> str:
+        return self.name or "output"
+
+    def inputs(self) -> list[str]:
+        """Every model/stage reference this stage reads, base first, without duplicates."""
+        refs: list[str] = []
+        for r in ([self.base] if self.base else []) + [m.ref for m in self.all_models()]:
+            if r not in refs:
+                refs.append(r)
+        return refs
+
+    def all_models(self) -> list[ModelInput]:
+        if self.slices is None:
+            return list(self.models)
+        return [s for sl in self.slices for s in sl.sources]
+
+
+@dataclass
+class Recipe:
+    path: Path
+    text: str
+    stages: list[Stage]            # dependency order; the output stage is last
+    name: str
+    seed: int
+    shard_size: int
+    keep_stages: list[str]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    @property
+    def output(self) -> Stage:
+        return self.stages[-1]
+
+    def stage(self, ref: str) -> Stage | None:
+        return _stage_lookup({s.name: s for s in self.stages if s.name}, ref)
+
+    def leaf_refs(self) -> list[str]:
+        """Model references that are not stages (what must be opened as sources), in first-use order."""
+        out: list[str] = []
+        for st in self.stages:
+            for r in st.inputs():
+                if self.stage(r) is None and r not in out:
+                    out.append(r)
+        return out
+
+
+def _stage_lookup(by_name: dict, ref: str):
+    if ref in by_name:
+        return by_name[ref]
+    stripped = ref[2:] if ref.startswith("./") else ref
+    return by_name.get(stripped)
+
+
+class _Ctx:
+    """Carries the recipe path for error messages."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def err(self, msg: str, node=None, key: str | None = None) -> GGMergeError:
+        line = None
+        if isinstance(node, Node) and key is not None:
+            line = node.line_of(key)
+        elif isinstance(node, (Node, Seq)):
+            line = node.line
+        prefix = f"line {line}: " if line else ""
+        return GGMergeError(prefix + msg, path=self.path, key=key)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GGMergeError("recipe file not found", path=path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GGMergeError(f"cannot read recipe: {exc}", path=path) from None
+    return parse_recipe(text, path)
+
+
+def parse_recipe(text: str, path: str | Path = "<recipe>") -> Recipe:
+    path = Path(path)
+    ctx = _Ctx(path)
+    docs = load_documents(text, path)
+    by_name: dict[str, Stage] = {}
+    order: list[Stage] = []
+    output_doc = None
+    unnamed = [d for d in docs if "name" not in d]
+    if len(unnamed) > 1:
+        raise ctx.err("more than one document has no 'name:'; only the output stage may be unnamed", unnamed[1])
+    for doc in docs:
+        is_output = ("name" not in doc) if unnamed else (doc is docs[-1])
+        stage = _parse_stage(doc, ctx, is_output)
+        if stage.name in by_name:
+            raise ctx.err(f"duplicate stage name '{stage.name}'", doc, "name")
+        if stage.name:
+            by_name[stage.name] = stage
+        order.append(stage)
+        if is_output:
+            output_doc = doc
+    output = next(s for s, d in zip(order, docs) if d is output_doc)
+    if output.name:  # every document was named: the last one is the output
+        by_name.pop(output.name, None)
+        by_name[output.name] = output
+    stages = _toposort(order, by_name, output, ctx)
+
+    gg = output_doc.get("ggmerge") or Node()
+    if not isinstance(gg, dict):
+        raise ctx.err("'ggmerge' must be a mapping", output_doc, "ggmerge")
+    _check_keys(gg, GGMERGE_KEYS, ctx, "ggmerge")
+    name = str(gg.get("name") or (output.name or _default_name(path)))
+    seed = gg.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ctx.err(f"seed must be an integer, got {seed!r}", gg, "seed")
+    shard = gg.get("shard_size", "5GB")
+    keep = gg.get("keep_stages") or []
+    for k in keep:
+        if _stage_lookup(by_name, str(k)) is None:
+            raise ctx.err(f"keep_stages names unknown stage '{k}'{did_you_mean(k, by_name)}", gg, "keep_stages")
+    return Recipe(path=path, text=text, stages=stages, name=name, seed=seed,
+                  shard_size=parse_size(shard, ctx, gg), keep_stages=[str(k) for k in keep])
+
+
+def _default_name(path: Path) -> str:
+    parent = path.resolve().parent.name
+    return parent or path.stem
+
+
+def parse_size(value, ctx: _Ctx, node) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    s = str(value).strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            try:
+                n = float(s[: -len(unit)])
+            except ValueError:
+                break
+            if n > 0:
+                return int(n * mult)
+    raise ctx.err(f"shard_size must look like '5GB' or '500MB', got {value!r}", node, "shard_size")
+
+
+def _check_keys(node: dict, allowed: set, ctx: _Ctx, where: str) -> None:
+    for k in node:
+        if k not in allowed:
+            raise ctx.err(f"unknown key '{k}' in {where}{did_you_mean(k, allowed)}", node, k)
+
+
+def _ref(value, ctx: _Ctx, node, key) -> str:
+    if isinstance(value, dict) and "model" in value and isinstance(value["model"], (str, dict)):
+        value = value["model"]  # mergekit's expanded ModelReference {model: {path: ...}}
+    if isinstance(value, dict) and "path" in value:
+        if value.get("lora"):
+            raise ctx.err("LoRA model references are not supported", node, key)
+        rev = value.get("revision")
+        value = value["path"] + (f"@{rev}" if rev else "")
+    if not isinstance(value, str) or not value.strip():
+        raise ctx.err(f"expected a model path or Hub id, got {value!r}", node, key)
+    if "+" in value and not Path(value).exists():
+        raise ctx.err(f"'{value}': LoRA references (model+lora) are not supported", node, key)
+    return value.strip()
+
+
+def _parse_stage(doc: Node, ctx: _Ctx, is_output: bool) -> Stage:
+    _check_keys(doc, DOC_KEYS, ctx, "the recipe")
+    if "modules" in doc:
+        raise ctx.err("'modules' (multi-module merges) is not supported; use 'models' or 'slices'", doc, "modules")
+    if "ggmerge" in doc and not is_output:
+        raise ctx.err("the 'ggmerge' block belongs in the output document", doc, "ggmerge")
+    name = doc.get("name")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ctx.err("'name' must be a non-empty string", doc, "name")
+    if "merge_method" not in doc:
+        raise ctx.err("missing 'merge_method'", doc)
+    mname = doc["merge_method"]
+    if mname not in METHODS:
+        raise ctx.err(f"unknown merge_method '{mname}'{did_you_mean(mname, METHODS)}", doc, "merge_method")
+    method = METHODS[mname]
+    has_models, has_slices = "models" in doc, "slices" in doc
+    if has_models == has_slices:
+        raise ctx.err("exactly one of 'models' or 'slices' must be given", doc)
+    base = _ref(doc["base_model"], ctx, doc, "base_model") if doc.get("base_model") is not None else None
+    allowed_params = set(method.params) | set(method.model_params)
+    params = _parse_params(doc.get("parameters"), allowed_params, ctx, doc, "parameters", mname)
+
+    models: list[ModelInput] = []
+    slices = None
+    if has_models:
+        if not isinstance(doc["models"], list) or not doc["models"]:
+            raise ctx.err("'models' must be a non-empty list", doc, "models")
+        for item in doc["models"]:
+            models.append(_parse_model(item, ctx, doc, allowed_params, mname, slices=False))
+    else:
+        if not isinstance(doc["slices"], list) or not doc["slices"]:
+            raise ctx.err("'slices' must be a non-empty list", doc, "slices")
+        slices = []
+        for sl in doc["slices"]:
+            if not isinstance(sl, dict) or "sources" not in sl:
+                raise ctx.err("each slice needs 'sources'", sl if isinstance(sl, Node) else doc, "slices")
+            _check_keys(sl, SLICE_KEYS, ctx, "a slice")
+            srcs = [_parse_model(s, ctx, sl, allowed_params, mname, slices=True) for s in sl["sources"]]
+            lens = {s.layer_range[1] - s.layer_range[0] for s in srcs}
+            if len(lens) != 1:
+                raise ctx.err("all sources of a slice must span the same number of layers", sl, "sources")
+            sbase = _ref(sl["base_model"], ctx, sl, "base_model") if sl.get("base_model") else base
+            slices.append(Slice(srcs, sbase, _parse_params(sl.get("parameters"), allowed_params, ctx, sl,
+                                                          "parameters", mname)))
+
+    tok_src = None
+    pad = None
+    if "tokenizer_source" in doc and "tokenizer" in doc:
+        raise ctx.err("give either 'tokenizer_source' or 'tokenizer', not both", doc, "tokenizer")
+    if doc.get("tokenizer_source") is not None:
+        tok_src = _ref(doc["tokenizer_source"], ctx, doc, "tokenizer_source")
+    if doc.get("tokenizer") is not None:
+        tk = doc["tokenizer"]
+        if not isinstance(tk, dict):
+            raise ctx.err("'tokenizer' must be a mapping", doc, "tokenizer")
+        _check_keys(tk, TOKENIZER_KEYS, ctx, "tokenizer")
+        if tk.get("tokens"):
+            raise ctx.err("per-token embedding overrides ('tokenizer.tokens') are not supported yet", tk, "tokens")
+        tok_src = _ref(tk.get("source", "union"), ctx, tk, "source")
+        pad = tk.get("pad_to_multiple_of")
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+            raise ctx.err(f"pad_to_multiple_of must be a positive integer, got {pad!r}", tk, "pad_to_multiple_of")
+
+    dtype = parse_dtype(doc.get("dtype", "bfloat16"))
+    out_dtype = parse_dtype(doc["out_dtype"]) if doc.get("out_dtype") else None
+    chat = doc.get("chat_template")
+    if chat is not None and not isinstance(chat, str):
+        raise ctx.err("'chat_template' must be a name ('vicuna'), a file path or a Jinja string", doc, "chat_template")
+
+    stage = Stage(name=(name or "").strip(), method=method, base=base, models=models, slices=slices,
+                  params=params, dtype=dtype, out_dtype=out_dtype, tokenizer_source=tok_src,
+                  pad_to_multiple_of=pad, chat_template=chat, line=doc.line)
+    _check_method_inputs(stage, ctx, doc)
+    return stage
+
+
+def _parse_model(item, ctx: _Ctx, parent, allowed, mname, *, slices: bool) -> ModelInput:
+    if isinstance(item, str):
+        if slices:
+            raise ctx.err("slice sources need 'model' and 'layer_range'", parent, "sources")
+        return ModelInput(ref=_ref(item, ctx, parent, "models"), line=getattr(parent, "line", 0))
+    if not isinstance(item, dict) or "model" not in item:
+        raise ctx.err("each entry needs a 'model' key", item if isinstance(item, Node) else parent,
+                      "model" if isinstance(item, Node) else None)
+    _check_keys(item, MODEL_KEYS, ctx, "a model entry")
+    lr = None
+    if slices or "layer_range" in item:
+        r = item.get("layer_range")
+        if (not isinstance(r, list) or len(r) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+                or r[0] < 0 or r[1] <= r[0]):
+            raise ctx.err(f"layer_range must be [start, end) with 0 <= start < end, got {r!r}", item, "layer_range")
+        lr = (r[0], r[1])
+    return ModelInput(ref=_ref(item["model"], ctx, item, "model"),
+                      params=_parse_params(item.get("parameters"), allowed, ctx, item, "parameters", mname),
+                      layer_range=lr, line=item.line)
+
+
+def _parse_params(node, allowed: set, ctx: _Ctx, parent, key, mname) -> dict:
+    if node is None:
+        return {}
+    if not isinstance(node, dict):
+        raise ctx.err("'parameters' must be a mapping", parent, key)
+    for k, v in node.items():
+        if k not in allowed:
+            raise ctx.err(f"unknown parameter '{k}' for merge_method '{mname}'{did_you_mean(k, allowed)}"
+                          f" (known: {', '.join(sorted(allowed)) or 'none'})", node, k)
+        _check_value(k, v, ctx, node)
+    return dict(node)
+
+
+def _scalars(v):
+    """Every scalar inside a parameter setting (scalar, gradient list, or filter entries)."""
+    if isinstance(v, dict):
+        yield from _scalars(v.get("value"))
+    elif isinstance(v, list):
+        for e in v:
+            yield from _scalars(e)
+    else:
+        yield v
+
+
+def _check_value(k: str, v, ctx: _Ctx, node) -> None:
+    if isinstance(v, list) and not v:
+        raise ctx.err(f"parameter '{k}' is an empty list", node, k)
+    if isinstance(v, list):
+        for e in v:
+            if isinstance(e, dict) and "value" not in e:
+                raise ctx.err(f"parameter '{k}': filter entries need 'value'", node, k)
+            if isinstance(e, dict):
+                for kk in e:
+                    if kk not in ("filter", "value"):
+                        raise ctx.err(f"parameter '{k}': unknown key '{kk}' in a filter entry", node, k)
+    for s in _scalars(v):
+        if s is None:
+            raise ctx.err(f"parameter '{k}' has no value", node, k)
+        if isinstance(s, (int, float)) and not isinstance(s, bool):
+            if not math.isfinite(float(s)):
+                raise ctx.err(f"parameter '{k}' must be finite, got {s!r}", node, k)
+            if k in RANGES:
+                lo, hi, lo_inc = RANGES[k]
+                ok = (s >= lo if lo_inc else s > lo) and s <= hi
+                if not ok:
+                    lb = "[" if lo_inc else "("
+                    raise ctx.err(f"parameter '{k}' = {s} is out of range {lb}{lo}, {hi}]", node, k)
+        elif isinstance(s, str) and k in RANGES:
+            raise ctx.err(f"parameter '{k}' must be a number, got {s!r}", node, k)
+
+
+def _check_method_inputs(stage: Stage, ctx: _Ctx, doc: Node) -> None:
+    m = stage.method
+    if m.requires_base and stage.base is None and not (stage.slices and all(s.base for s in stage.slices)):
+        raise ctx.err(f"merge_method '{m.name}' needs a 'base_model'", doc, "merge_method")
+    others = [x for x in stage.models if x.ref != stage.base] if stage.slices is None else None
+    if others is not None and len(others) < m.min_models:
+        raise ctx.err(f"merge_method '{m.name}' needs at least {m.min_models} model(s) besides the base, "
+                      f"got {len(others)}", doc, "models")
+
+
+def _toposort(order: list[Stage], by_name: dict, output: Stage, ctx: _Ctx) -> list[Stage]:
+    """Stages reachable from the output, dependencies first; cycles are errors."""
+    done: list[Stage] = []
+    state: dict[int, str] = {}
+
+    def visit(st: Stage, chain: list[str]):
+        if state.get(id(st)) == "done":
+            return
+        if state.get(id(st)) == "active":
+            cyc = " -> ".join(chain + [st.label])
+            raise GGMergeError(f"line {st.line}: stage cycle: {cyc}", path=ctx.path)
+        state[id(st)] = "active"
+        for ref in st.inputs() + ([st.tokenizer_source] if st.tokenizer_source not in (None, "union", "base") else []):
+            dep = _stage_lookup(by_name, ref)
+            if dep is not None:
+                visit(dep, chain + [st.label])
+        state[id(st)] = "done"
+        done.append(st)
+
+    visit(output, [])
+    unused = [s.label for s in order if id(s) not in state]
+    if unused:
+        import logging
+        logging.getLogger(__name__).warning("stages not used by the output: %s", ", ".join(unused))
+    return done

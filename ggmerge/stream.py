@@ -1,0 +1,146 @@
+"""The streaming pass: evaluate the whole stage graph for one output tensor at a time.
+
+For each tensor of the output stage we walk the graph of stages down to the source files, load the
+source tensors it needs (memory-mapped, one at a time), run each stage's merge method, and hand the
+result to a writer. Nothing intermediate touches the disk. A value that several stages need (the seed's
+base model feeds four chat-vector stages) is loaded once and dropped as soon as its last consumer has
+run, so memory is bounded by the tensors in flight for one output tensor, not by the model.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Iterator
+
+import torch
+
+from .errors import GGMergeError
+from .methods import seeded_generator
+from .recipe.params import resolve
+from .recipe.plan import Inputs, StageInfo, TensorJob
+from .recipe.schema import Recipe
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator:
+    def __init__(self, recipe: Recipe, inputs: Inputs):
+        self.recipe = recipe
+        self.inputs = inputs
+        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._uses: Counter = Counter()
+        #: largest number of float32 elements held at once (for the memory report)
+        self.peak_elements = 0
+
+    # -- public -------------------------------------------------------------------------------
+    def output_jobs(self) -> list[TensorJob]:
+        return list(self.inputs.info(self._output_ref()).jobs.values())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The output stage's tensor ``name`` as float32 (not yet rounded to the output dtype)."""
+        out = self._output_ref()
+        self._uses.clear()
+        self._count(out, name)
+        try:
+            return self._value(out, name)
+        finally:
+            self._cache.clear()
+
+    def tensors(self) -> Iterator[tuple[TensorJob, torch.Tensor]]:
+        for job in self.output_jobs():
+            yield job, self.tensor(job.name)
+
+    # -- graph walk ---------------------------------------------------------------------------
+    def _output_ref(self) -> str:
+        out = self.recipe.output
+        return out.name or "output"
+
+    def _stage_info(self, ref: str) -> StageInfo | None:
+        st = self.recipe.stage(ref) if ref != "output" else self.recipe.output
+        return self.inputs.infos[st.label] if st is not None else None
+
+    def _count(self, ref: str, name: str) -> None:
+        """Count how many times each (ref, tensor) value will be consumed for this output tensor."""
+        key = (ref, name)
+        self._uses[key] += 1
+        if self._uses[key] > 1:
+            return  # its own inputs were counted on first visit; it is computed once
+        info = self._stage_info(ref)
+        if info is None:
+            return
+        for op in info.jobs[name].operands:
+            self._count(op.ref, op.tensor)
+
+    def _value(self, ref: str, name: str) -> torch.Tensor:
+        key = (ref, name)
+        if key in self._cache:
+            t = self._cache[key]
+        else:
+            info = self._stage_info(ref)
+            t = self._load(ref, name) if info is None else self._merge(info, name)
+            self._cache[key] = t
+            self._note_memory()
+        self._uses[key] -= 1
+        if self._uses[key] <= 0:
+            self._cache.pop(key, None)
+        return t
+
+    def _note_memory(self) -> None:
+        n = sum(t.numel() for t in self._cache.values())
+        self.peak_elements = max(self.peak_elements, n)
+
+    def _load(self, ref: str, name: str) -> torch.Tensor:
+        src = self.inputs.sources[ref]
+        real = name
+        if name == "lm_head.weight" and name not in src.names():
+            real = "model.embed_tokens.weight"  # tied embeddings
+        t = src.load(real)
+        if not torch.isfinite(t).all():
+            raise GGMergeError("tensor contains NaN or infinity", path=src.path, tensor=real)
+        return t
+
+    def _merge(self, info: StageInfo, name: str) -> torch.Tensor:
+        from .tokenizer.union import remap_rows
+
+        st = info.stage
+        job = info.jobs[name]
+        values = [self._value(op.ref, op.tensor) for op in job.operands]
+        if job.vocab_rows and info.row_maps is not None:
+            maps = [info.row_maps[op.ref] for op in job.operands]
+            base_idx = next((i for i, op in enumerate(job.operands) if op.is_base), 0)
+            values = remap_rows(values, maps, base_idx)
+        has_base = bool(job.operands) and job.operands[0].is_base
+        method = st.method
+        base_t = values[0] if has_base else None
+        models = values[1:] if has_base else values
+        ops = job.operands[1:] if has_base else job.operands
+        model_params = [self._resolve_all(method.model_params, (op.params, job.slice_params, st.params), job)
+                        for op in ops]
+        params = self._resolve_all(method.params, (job.slice_params, st.params), job)
+        gen = seeded_generator(self.recipe.seed, f"{st.label}/{name}") if method.uses_random else None
+        if base_t is None and method.requires_base:
+            raise GGMergeError(f"merge_method '{method.name}' needs a base model", path=self.recipe.path,
+                               tensor=name)
+        try:
+            out = method.fn(base_t, models, model_params, params, gen)
+        except GGMergeError:
+            raise
+        except (RuntimeError, ValueError) as exc:
+            raise GGMergeError(f"stage '{st.label}' ({method.name}) failed: {exc}", path=self.recipe.path,
+                               tensor=name) from exc
+        if st is not self.recipe.output:
+            # an intermediate stage is a model in its own right, stored in its dtype: round like a saved model
+            out = out.to(st.dtype).float()
+        return out
+
+    def _resolve_all(self, spec: dict, chain: tuple[dict, ...], job: TensorJob) -> dict:
+        """Per-tensor value of every parameter in ``spec``: the first of ``chain`` that sets it
+        (model entry, then slice, then the stage's ``parameters``), else the method's default."""
+        out = {}
+        for key, default in spec.items():
+            raw = next((c[key] for c in chain if key in c), _UNSET)
+            out[key] = default if raw is _UNSET else resolve(raw, job.name, job.layer, job.span)
+        return out
+
+
+_UNSET = object()
