@@ -20,17 +20,19 @@ class GGMergeError(Exception):
         path: str | os.PathLike | None = None,
         tensor: str | None = None,
         key: str | None = None,
+        line: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.path = Path(path) if path is not None else None
         self.tensor = tensor
         self.key = key
+        self.line = line
 
     def __str__(self) -> str:
         where = []
         if self.path is not None:
-            where.append(str(self.path))
+            where.append(f"{self.path}:{self.line}" if self.line else str(self.path))
         if self.key is not None:
             where.append(f"key '{self.key}'")
         if self.tensor is not None:

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from .errors import GGMergeError
-from .methods import seeded_generator
+from .methods import PARAM_KINDS, seeded_generator
 from .recipe.params import resolve
 from .recipe.plan import Inputs, StageInfo, TensorJob
 from .recipe.schema import Recipe
@@ -107,7 +107,8 @@ class Evaluator:
         values = [self._value(op.ref, op.tensor) for op in job.operands]
         if job.vocab_rows and info.row_maps is not None:
             maps = [info.row_maps[op.ref] for op in job.operands]
-            base_idx = next((i for i, op in enumerate(job.operands) if op.is_base), 0)
+            anchor = st.base or job.operands[0].ref
+            base_idx = next((i for i, op in enumerate(job.operands) if op.ref == anchor), 0)
             values = remap_rows(values, maps, base_idx)
         has_base = bool(job.operands) and job.operands[0].is_base
         method = st.method
@@ -118,13 +119,12 @@ class Evaluator:
                         for op in ops]
         params = self._resolve_all(method.params, (job.slice_params, st.params), job)
         gen = seeded_generator(self.recipe.seed, f"{st.label}/{name}") if method.uses_random else None
-        if base_t is None and method.requires_base:
-            raise GGMergeError(f"merge_method '{method.name}' needs a base model", path=self.recipe.path,
-                               tensor=name)
         try:
+            model_params, params = method.complete(model_params, params, tensor=name)
             out = method.fn(base_t, models, model_params, params, gen)
-        except GGMergeError:
-            raise
+        except GGMergeError as exc:
+            raise GGMergeError(f"stage '{st.label}': {exc.message}", path=self.recipe.path, tensor=name,
+                               key=exc.key) from None
         except (RuntimeError, ValueError) as exc:
             raise GGMergeError(f"stage '{st.label}' ({method.name}) failed: {exc}", path=self.recipe.path,
                                tensor=name) from exc
@@ -134,13 +134,16 @@ class Evaluator:
         return out
 
     def _resolve_all(self, spec: dict, chain: tuple[dict, ...], job: TensorJob) -> dict:
-        """Per-tensor value of every parameter in ``spec``: the first of ``chain`` that sets it
-        (model entry, then slice, then the stage's ``parameters``), else the method's default."""
+        """Per-tensor value of every parameter in ``spec``: the first of ``chain`` (model entry, then
+        slice, then the stage's ``parameters``) whose setting applies to this tensor — a filter list that
+        matches nothing falls through to the next, as in mergekit — else the method's default."""
         out = {}
         for key, default in spec.items():
-            raw = next((c[key] for c in chain if key in c), _UNSET)
-            out[key] = default if raw is _UNSET else resolve(raw, job.name, job.layer, job.span)
+            value = None
+            for c in chain:
+                if key in c:
+                    value = resolve(c[key], job.name, job.layer, job.span, kind=PARAM_KINDS.get(key), key=key)
+                    if value is not None:
+                        break
+            out[key] = default if value is None else value
         return out
-
-
-_UNSET = object()

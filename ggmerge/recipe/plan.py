@@ -138,6 +138,13 @@ def plan_stage(st: Stage, inputs: Inputs, recipe: Recipe) -> StageInfo:
 
 
 def _operands_for(st: Stage, models: list[ModelInput], base: str | None, name_of) -> list[Operand]:
+    """The inputs of one tensor job, in the order the stage's method expects them."""
+    if st.method.base_is_model:
+        # linear/passthrough: the base is one more ordinary input, appended if not listed (as mergekit does)
+        ops = [Operand(m.ref, name_of(m), dict(m.params)) for m in models]
+        if base is not None and all(m.ref != base for m in models):
+            ops.append(Operand(base, name_of(None), {}))
+        return ops
     ops: list[Operand] = []
     if base is not None:
         base_entry = next((m for m in models if m.ref == base), None)
@@ -147,6 +154,28 @@ def _operands_for(st: Stage, models: list[ModelInput], base: str | None, name_of
             continue
         ops.append(Operand(m.ref, name_of(m), dict(m.params)))
     return ops
+
+
+def _check_required(st: Stage, job: TensorJob, recipe_path) -> None:
+    """Every REQUIRED parameter is set for every model (model entry, slice or stage ``parameters``)."""
+    from ..methods import REQUIRED
+
+    m = st.method
+    ops = job.operands[1:] if job.operands and job.operands[0].is_base else job.operands
+    has_base = bool(job.operands) and job.operands[0].is_base
+    try:
+        m.check_counts(has_base, len(ops))
+    except GGMergeError as exc:
+        raise GGMergeError(f"stage '{st.label}': {exc.message}", path=recipe_path, key=exc.key) from None
+    for key, default in m.params.items():
+        if default is REQUIRED and key not in job.slice_params and key not in st.params:
+            raise GGMergeError(f"stage '{st.label}' ({m.name}) needs parameter '{key}'", path=recipe_path,
+                               key="parameters")
+    for op in ops:
+        for key, default in m.model_params.items():
+            if default is REQUIRED and not any(key in c for c in (op.params, job.slice_params, st.params)):
+                raise GGMergeError(f"stage '{st.label}' ({m.name}) needs parameter '{key}' for model "
+                                   f"'{op.ref}'", path=recipe_path, key="parameters")
 
 
 def _plan_models_form(st: Stage, inputs: Inputs, info: StageInfo, anchor: str, out_rows):
@@ -161,6 +190,8 @@ def _plan_models_form(st: Stage, inputs: Inputs, info: StageInfo, anchor: str, o
                         vocab_rows=name in info.family.VOCAB_TENSORS)
         job.shape = _check_shapes(job, inputs, info, out_rows)
         info.jobs[name] = job
+    for job in list(info.jobs.values())[:1]:
+        _check_required(st, job, inputs.recipe.path)
     _check_extra_tensors(st, inputs, info)
 
 
@@ -206,6 +237,7 @@ def _plan_slices_form(st: Stage, inputs: Inputs, info: StageInfo, out_rows):
         info.jobs[job.name] = job
     for job in info.jobs.values():
         job.shape = _check_shapes(job, inputs, info, out_rows)
+        _check_required(st, job, inputs.recipe.path)
     info.config["num_hidden_layers"] = out_layer
 
 

@@ -30,7 +30,7 @@ DOC_KEYS = {
 MODEL_KEYS = {"model", "parameters", "layer_range"}
 SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
 TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
-GGMERGE_KEYS = {"name", "seed", "shard_size", "keep_stages"}
+GGMERGE_KEYS = {"name", "seed", "shard_size", "keep_stages", "miniature"}
 
 #: parameters with a known valid range: name → (low, high, low_inclusive)
 RANGES = {
@@ -98,6 +98,8 @@ class Recipe:
     seed: int
     shard_size: int
     keep_stages: list[str]
+    #: folder (relative to the recipe) where the bundled miniature lineage is created on first use
+    miniature: str | None = None
 
     @property
     def sha256(self) -> str:
@@ -139,8 +141,7 @@ class _Ctx:
             line = node.line_of(key)
         elif isinstance(node, (Node, Seq)):
             line = node.line
-        prefix = f"line {line}: " if line else ""
-        return GGMergeError(prefix + msg, path=self.path, key=key)
+        return GGMergeError(msg, path=self.path, key=key, line=line)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -193,8 +194,13 @@ def parse_recipe(text: str, path: str | Path = "<recipe>") -> Recipe:
     for k in keep:
         if _stage_lookup(by_name, str(k)) is None:
             raise ctx.err(f"keep_stages names unknown stage '{k}'{did_you_mean(k, by_name)}", gg, "keep_stages")
+    mini = gg.get("miniature")
+    if mini is not None and not isinstance(mini, str):
+        raise ctx.err("'miniature' must be a folder name", gg, "miniature")
+    if keep:
+        raise ctx.err("keep_stages (writing intermediate stages) is not supported yet", gg, "keep_stages")
     return Recipe(path=path, text=text, stages=stages, name=name, seed=seed,
-                  shard_size=parse_size(shard, ctx, gg), keep_stages=[str(k) for k in keep])
+                  shard_size=parse_size(shard, ctx, gg), keep_stages=[str(k) for k in keep], miniature=mini)
 
 
 def _default_name(path: Path) -> str:
@@ -360,6 +366,13 @@ def _scalars(v):
 
 
 def _check_value(k: str, v, ctx: _Ctx, node) -> None:
+    from ..methods import PARAM_KINDS
+    from .params import validate
+
+    try:
+        validate(v, key=k, kind=PARAM_KINDS.get(k))
+    except GGMergeError as exc:
+        raise ctx.err(f"parameter '{k}': {exc.message}", node, k) from None
     if isinstance(v, list) and not v:
         raise ctx.err(f"parameter '{k}' is an empty list", node, k)
     if isinstance(v, list):
@@ -371,6 +384,11 @@ def _check_value(k: str, v, ctx: _Ctx, node) -> None:
                     if kk not in ("filter", "value"):
                         raise ctx.err(f"parameter '{k}': unknown key '{kk}' in a filter entry", node, k)
     for s in _scalars(v):
+        if isinstance(s, str) and k in RANGES:
+            try:
+                s = float(s)  # YAML reads 1e-3 as text; mergekit's typed parameters accept it
+            except ValueError:
+                raise ctx.err(f"parameter '{k}' must be a number, got {s!r}", node, k) from None
         if s is None:
             raise ctx.err(f"parameter '{k}' has no value", node, k)
         if isinstance(s, (int, float)) and not isinstance(s, bool):
@@ -382,8 +400,6 @@ def _check_value(k: str, v, ctx: _Ctx, node) -> None:
                 if not ok:
                     lb = "[" if lo_inc else "("
                     raise ctx.err(f"parameter '{k}' = {s} is out of range {lb}{lo}, {hi}]", node, k)
-        elif isinstance(s, str) and k in RANGES:
-            raise ctx.err(f"parameter '{k}' must be a number, got {s!r}", node, k)
 
 
 def _check_method_inputs(stage: Stage, ctx: _Ctx, doc: Node) -> None:
@@ -406,7 +422,7 @@ def _toposort(order: list[Stage], by_name: dict, output: Stage, ctx: _Ctx) -> li
             return
         if state.get(id(st)) == "active":
             cyc = " -> ".join(chain + [st.label])
-            raise GGMergeError(f"line {st.line}: stage cycle: {cyc}", path=ctx.path)
+            raise GGMergeError(f"stage cycle: {cyc}", path=ctx.path, line=st.line)
         state[id(st)] = "active"
         for ref in st.inputs() + ([st.tokenizer_source] if st.tokenizer_source not in (None, "union", "base") else []):
             dep = _stage_lookup(by_name, ref)

@@ -59,8 +59,9 @@ def load_documents(text: str, path: str | Path) -> list[Node]:
         docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise GGMergeError(f"{where}invalid YAML: {exc.problem or exc}", path=path) from None
+        col = f" (column {mark.column + 1})" if mark else ""
+        raise GGMergeError(f"invalid YAML: {exc.problem or exc}{col}", path=path,
+                           line=mark.line + 1 if mark else None) from None
     except yaml.YAMLError as exc:
         raise GGMergeError(f"invalid YAML: {exc}", path=path) from None
     if not docs:
