@@ -110,12 +110,12 @@ def _graph_nodes(p: Prepared, label: str) -> int:
         if ref in seen:
             return
         seen.add(ref)
-        st = p.recipe.stage(ref) if ref != "output" else p.recipe.output
+        st = p.recipe.stage(ref) if not ref.startswith("\0") else p.recipe.output
         if st is not None:
             for r in st.inputs():
                 walk(r)
 
-    walk(p.recipe.output.name or "output")
+    walk(p.recipe.output.name or "\0output")
     return len(seen)
 
 
@@ -163,7 +163,7 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
         stage = info.stage
         vocab = info.vocab
         if vocab is not None and stage.chat_template:
-            vocab.chat_template = resolve_template(stage.chat_template, base_dir=p.recipe.path.parent)
+            vocab.chat_template = _template(stage.chat_template, p.recipe.path.parent, resolve_template)
         meta = {"ggmerge.version": __version__, "ggmerge.recipe_sha256": p.recipe.sha256,
                 "ggmerge.inputs_sha256": inputs_hash}
         ev = Evaluator(p.recipe, p.inputs)
@@ -212,3 +212,11 @@ def _write_text(path: Path, text: str) -> None:
 
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def _template(spec: str, root: Path, resolve_template) -> str:
+    """A recipe's ``chat_template``: a literal Jinja string, a built-in name, or a file beside the recipe."""
+    if "{%" in spec or "{{" in spec:
+        return spec
+    beside = root / spec
+    return resolve_template(str(beside) if beside.is_file() else spec)

@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=args.debug, markup=False)])
+    if not args.debug:
+        logging.getLogger("gguf").setLevel(logging.WARNING)  # gguf-py narrates every write at INFO
     try:
         result = _dispatch(args)
     except GGMergeError as exc:
@@ -130,8 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         print(f"ggmerge: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
-    if result is not None and not isinstance(result, int):
-        logging.getLogger("ggmerge").info("wrote %s", result)
     return 0
 
 

@@ -45,13 +45,15 @@ MISTRAL_INST_TEMPLATE = (
 
 
 def spm_v1() -> Path:
-    """The real Mistral-7B v0.1 ``tokenizer.model`` shipped inside the mistral-common package."""
-    try:
-        import mistral_common
-    except ImportError:
+    """The real Mistral-7B v0.1 ``tokenizer.model`` shipped inside the mistral-common package
+    (located without importing it: its import is slow and we only need the file)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
         raise GGMergeError("the miniature example needs the 'mistral-common' package for its real "
-                           "Mistral vocabulary: pip install mistral-common") from None
-    p = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+                           "Mistral vocabulary: pip install mistral-common")
+    p = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
     if not p.is_file():
         raise GGMergeError("mistral-common does not ship tokenizer.model.v1 here", path=p)
     return p

@@ -34,11 +34,14 @@ class Evaluator:
 
     # -- public -------------------------------------------------------------------------------
     def output_jobs(self) -> list[TensorJob]:
-        return list(self.inputs.info(self._output_ref()).jobs.values())
+        return list(self._stage_info(_OUTPUT).jobs.values())
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The output stage's tensor ``name`` as float32 (not yet rounded to the output dtype)."""
-        out = self._output_ref()
+    def tensor(self, name: str, stage: str | None = None) -> torch.Tensor:
+        """Tensor ``name`` of the output stage (or of the named intermediate ``stage``), float32.
+        The output stage's result is not yet rounded to the output dtype; the writer does that."""
+        out = _OUTPUT if stage is None else stage
+        if stage is not None and self.recipe.stage(stage) is None:
+            raise GGMergeError(f"no stage named '{stage}'", path=self.recipe.path)
         self._uses.clear()
         self._count(out, name)
         try:
@@ -51,12 +54,8 @@ class Evaluator:
             yield job, self.tensor(job.name)
 
     # -- graph walk ---------------------------------------------------------------------------
-    def _output_ref(self) -> str:
-        out = self.recipe.output
-        return out.name or "output"
-
     def _stage_info(self, ref: str) -> StageInfo | None:
-        st = self.recipe.stage(ref) if ref != "output" else self.recipe.output
+        st = self.recipe.output if ref == _OUTPUT else self.recipe.stage(ref)
         return self.inputs.infos[st.label] if st is not None else None
 
     def _count(self, ref: str, name: str) -> None:
@@ -147,3 +146,7 @@ class Evaluator:
                         break
             out[key] = default if value is None else value
         return out
+
+
+#: the key of the output stage in the graph walk (it may have no name)
+_OUTPUT = "\0output"

@@ -1,0 +1,285 @@
+"""Hugging Face Llama/Mistral model → GGUF ``llama`` file that llama.cpp reads as transformers does.
+
+Two levels:
+
+* :func:`plan_gguf` turns any :class:`~ggmerge.sources.base.TensorSource` (an HF folder, a GGUF, a
+  merge result), its :class:`~ggmerge.tokenizer.vocab.Vocab` and config into the metadata callback and
+  the list of :class:`~ggmerge.convert.gguf_out.OutTensor` jobs. Every name, shape, type and vocabulary
+  problem is found here, before a byte is written.
+* :func:`convert_hf` is the ``ggmerge convert HF_DIR -o OUT.gguf`` verb: open, plan, write.
+
+What the plan does to each tensor mirrors llama.cpp's convert_hf_to_gguf.py (``LlamaModel``):
+HF → GGUF names from :mod:`ggmerge.arch.llama`; Q and K rows re-interleaved for llama.cpp's RoPE
+(``LlamaModel.permute``, with the KV head count for K); 1-D tensors (norms, rope_freqs) always F32
+(``prepare_tensors``: "Most of the codebase that takes in 1D tensors or norms only handles F32");
+no ``output.weight`` when the embeddings are tied (llama.cpp then reuses ``token_embd``); a
+``rope_freqs.weight`` tensor for llama3 RoPE scaling (``generate_extra_tensors``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ggmerge.arch import llama
+from ggmerge.errors import GGMergeError, did_you_mean
+
+from .gguf_out import OutTensor, encoded_nbytes, write_gguf
+from .hparams import ARCH, LlamaHparams
+
+log = logging.getLogger(__name__)
+
+Q = gguf.GGMLQuantizationType
+F = gguf.LlamaFileType
+
+#: --outtype choices: (tensor type for ≥2-D weights, general.file_type)
+OUTTYPES: dict[str, tuple[Q, F]] = {
+    "f32": (Q.F32, F.ALL_F32),
+    "f16": (Q.F16, F.MOSTLY_F16),
+    "bf16": (Q.BF16, F.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0),
+}
+
+#: a policy maps (gguf name, numpy shape) to the tensor type, or is one of OUTTYPES, or a mapping
+#: gguf name → type / (type, reason) such as convert.quants.policy.choose_types returns
+Policy = str | Callable[[str, tuple[int, ...]], Q] | Mapping[str, object]
+
+_BLOCK_ORDER = {g.split(".", 2)[2]: k for k, (_, g) in enumerate(llama._TABLE) if g.startswith("blk.")}
+
+
+def parse_outtype(outtype: str) -> tuple[Q, F]:
+    try:
+        return OUTTYPES[str(outtype).lower()]
+    except KeyError:
+        raise GGMergeError(f"unknown output type '{outtype}' (choose from {', '.join(OUTTYPES)})"
+                           f"{did_you_mean(str(outtype).lower(), OUTTYPES)}", key="outtype") from None
+
+
+def _sort_key(gguf_name: str):
+    """token_embd, blk.0.*, blk.1.*, …, output_norm, output — blocks numerically, not as strings."""
+    m = re.match(r"^blk\.(\d+)\.(.+)$", gguf_name)
+    if m:
+        return (1, int(m.group(1)), _BLOCK_ORDER.get(m.group(2), 99), gguf_name)
+    head = {"rope_freqs.weight": -1, "token_embd.weight": 0, "output_norm.weight": 2, "output.weight": 3}
+    return (head.get(gguf_name, 4), 0, 0, gguf_name)
+
+
+def _expected_shapes(hp: LlamaHparams, n_rows: int) -> dict[str, tuple[int, ...]]:
+    """HF shape of every tensor a llama checkpoint must (or, for lm_head, may) hold."""
+    q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+    out = {
+        "model.embed_tokens.weight": (n_rows, hp.n_embd),
+        "model.norm.weight": (hp.n_embd,),
+        "lm_head.weight": (n_rows, hp.n_embd),
+    }
+    per_layer = {
+        "input_layernorm.weight": (hp.n_embd,),
+        "self_attn.q_proj.weight": (q, hp.n_embd),
+        "self_attn.k_proj.weight": (kv, hp.n_embd),
+        "self_attn.v_proj.weight": (kv, hp.n_embd),
+        "self_attn.o_proj.weight": (hp.n_embd, q),
+        "post_attention_layernorm.weight": (hp.n_embd,),
+        "mlp.gate_proj.weight": (hp.n_ff, hp.n_embd),
+        "mlp.up_proj.weight": (hp.n_ff, hp.n_embd),
+        "mlp.down_proj.weight": (hp.n_embd, hp.n_ff),
+    }
+    for i in range(hp.n_layer):
+        for suffix, shape in per_layer.items():
+            out[f"model.layers.{i}.{suffix}"] = shape
+    return out
+
+
+def _type_chooser(policy: Policy) -> Callable[[str, tuple[int, ...]], tuple[Q, str | None]]:
+    """Normalise the accepted policy forms to ``(gguf_name, shape) -> (type, reason)``."""
+    if isinstance(policy, str):
+        qtype, _ = parse_outtype(policy)
+
+        def by_outtype(name: str, shape: tuple[int, ...]) -> tuple[Q, str | None]:
+            block = gguf.GGML_QUANT_SIZES[qtype][0]
+            if shape[-1] % block:
+                # the converter's QuantError fallback, but announced
+                return Q.F16, f"row length {shape[-1]} is not a multiple of {qtype.name}'s block {block}"
+            return qtype, None
+
+        return by_outtype
+    if isinstance(policy, Mapping):
+        def by_table(name: str, shape: tuple[int, ...]) -> tuple[Q, str | None]:
+            if name not in policy:
+                raise GGMergeError("the type policy has no entry for this tensor", tensor=name)
+            v = policy[name]
+            if isinstance(v, tuple):
+                return Q(v[0]), (v[1] if len(v) > 1 else None)
+            return Q(getattr(v, "qtype", v)), getattr(v, "reason", None)
+
+        return by_table
+    if callable(policy):
+        return lambda name, shape: (Q(policy(name, shape)), None)
+    raise TypeError(f"unsupported outtype policy {policy!r}")
+
+
+def file_type_of(types: list[Q]) -> F:
+    """general.file_type for a mixture: the type most ≥2-D weights got (llama.cpp labels files so)."""
+    by_qtype = {q: f for q, f in OUTTYPES.values()}
+    if not types:
+        return F.ALL_F32
+    common = max(set(types), key=types.count)
+    if common in by_qtype:
+        return by_qtype[common]
+    try:
+        return F[f"MOSTLY_{common.name}"]
+    except KeyError:
+        return F.GUESSED
+
+
+def plan_gguf(
+    source,
+    vocab,
+    config: dict,
+    outtype_policy: Policy = "bf16",
+    *,
+    name: str | None = None,
+    file_type: F | None = None,
+) -> tuple[Callable[[gguf.GGUFWriter], None], list[OutTensor]]:
+    """Metadata callback and tensor jobs for writing ``source`` as a GGUF ``llama`` file.
+
+    ``vocab`` is written as the tokenizer (its ``chat_template`` included), padded with ``[PAD{id}]``
+    entries up to the embedding's row count. ``outtype_policy`` is an outtype name ('f32', 'f16',
+    'bf16', 'q8_0'), a mapping gguf name → type (or (type, reason)), or a callable
+    ``(gguf_name, shape) -> type``; 1-D tensors are F32 whatever it says. ``file_type`` overrides the
+    ``general.file_type`` otherwise derived from the policy.
+    """
+    where = getattr(source, "path", None)
+    hp = LlamaHparams.from_config(config, path=where)
+    names = list(source.names())
+    if "model.embed_tokens.weight" not in names:
+        raise GGMergeError("no embedding tensor", path=where, tensor="model.embed_tokens.weight")
+    n_rows = int(source.shape("model.embed_tokens.weight")[0])
+    if n_rows != hp.n_vocab:
+        log.warning("%s: config vocab_size %d differs from the embedding's %d rows; using %d",
+                    where, hp.n_vocab, n_rows, n_rows)
+        hp.n_vocab = n_rows
+    expected = _expected_shapes(hp, n_rows)
+    has_head = "lm_head.weight" in names
+    if not has_head and not hp.tie_embeddings:
+        raise GGMergeError("no lm_head.weight and tie_word_embeddings is false", path=where,
+                           tensor="lm_head.weight")
+    missing = [n for n in expected if n not in names and n != "lm_head.weight"]
+    if missing:
+        raise GGMergeError(f"missing {len(missing)} tensor(s) the llama architecture needs", path=where,
+                           tensor=missing[0])
+
+    choose = _type_chooser(outtype_policy)
+    jobs: list[OutTensor] = []
+    weight_types: list[Q] = []
+    for hf in names:
+        if any(rx.match(hf) for rx in llama.IGNORED):
+            continue
+        gname = llama.hf_to_gguf(hf)
+        if gname is None or hf not in expected:
+            raise GGMergeError("tensor is not part of the llama architecture (unsupported layout?)"
+                               f"{did_you_mean(hf, expected)}", path=where, tensor=hf)
+        shape = tuple(int(d) for d in source.shape(hf))
+        if shape != expected[hf]:
+            raise GGMergeError(f"shape {shape} does not match the config (expected {expected[hf]})",
+                               path=where, tensor=hf)
+        if len(shape) == 1:
+            qtype, reason = Q.F32, None
+        else:
+            qtype, reason = choose(gname, shape)
+            weight_types.append(qtype)
+        if reason:
+            log.warning("%s: %s → %s (%s)", where, gname, qtype.name, reason)
+        try:
+            encoded_nbytes(shape, qtype)
+        except ValueError as exc:
+            raise GGMergeError(f"cannot store as {qtype.name}: {exc}", path=where, tensor=hf) from None
+        n_head = llama.heads_for_permute(hf, {"num_attention_heads": hp.n_head,
+                                              "num_key_value_heads": hp.n_head_kv})
+        jobs.append(OutTensor(gname, shape, qtype, _loader(source, hf, n_head)))
+
+    factors = hp.rope_freqs()
+    if factors is not None:
+        jobs.append(OutTensor("rope_freqs.weight", factors.shape, Q.F32, lambda f=factors: f))
+    jobs.sort(key=lambda t: _sort_key(t.name))
+
+    if file_type is None:
+        file_type = parse_outtype(outtype_policy)[1] if isinstance(outtype_policy, str) else file_type_of(weight_types)
+
+    def metadata(writer: gguf.GGUFWriter) -> None:
+        from ggmerge.tokenizer.gguf_vocab import write_gguf as write_vocab
+
+        hp.write(writer, name=name, file_type=file_type)
+        try:
+            write_vocab(writer, vocab, n_rows)
+        except GGMergeError as exc:
+            if exc.path is None:
+                exc.path = where
+            raise
+
+    # vocabulary problems must surface at plan time too, not after the file is opened
+    from ggmerge.tokenizer.gguf_vocab import padded
+
+    try:
+        padded(vocab, n_rows)
+    except GGMergeError as exc:
+        exc.path = exc.path or where
+        raise
+    return metadata, jobs
+
+
+def _loader(source, hf_name: str, n_head: int | None) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        w = source.load(hf_name)
+        if n_head is not None:
+            w = llama.permute(w, n_head)
+        return w.numpy()
+
+    return load
+
+
+def default_output(hf_dir: Path, out: Path, outtype: str) -> Path:
+    """``out`` itself, or ``out/<model>-<OUTTYPE>.gguf`` when ``out`` is an existing folder."""
+    if out.is_dir():
+        return out / f"{hf_dir.name}-{outtype.upper()}.gguf"
+    return out
+
+
+def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str = "bf16",
+               chat_template: str | None = None) -> Path:
+    """Convert an HF Llama/Mistral folder to a GGUF file; returns the path written.
+
+    ``chat_template`` is 'vicuna', a template file, or None to keep the model's own template.
+    """
+    from ggmerge.sources import open_source
+    from ggmerge.tokenizer.templates import choose_template
+
+    hf_dir = Path(hf_dir)
+    parse_outtype(outtype)
+    out = default_output(hf_dir, Path(out), outtype)
+    source = open_source(hf_dir)
+    try:
+        config = source.config()
+        tok_dir = source.tokenizer_dir()
+        if tok_dir is None:
+            raise GGMergeError("no tokenizer files (tokenizer.model or tokenizer.json); llama.cpp needs "
+                               "the vocabulary inside the GGUF", path=hf_dir)
+        vocab = read_vocab(tok_dir)
+        vocab.chat_template = choose_template(chat_template, vocab.chat_template)
+        name = hf_dir.resolve().name
+        metadata, tensors = plan_gguf(source, vocab, config, outtype, name=name)
+        write_gguf(out, ARCH, metadata, tensors, description=f"{name} → {out.name}")
+    finally:
+        source.close()
+    return out
+
+
+def read_vocab(folder: Path):
+    """The HF tokenizer folder as a Vocab (helper-E's reader)."""
+    from ggmerge.tokenizer.hf_vocab import read_hf
+
+    return read_hf(folder)

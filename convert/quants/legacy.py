@@ -1,0 +1,113 @@
+"""F32/F16/BF16 and the 32-element block types Q8_0, Q4_0, Q4_1, Q5_0, Q5_1.
+
+gguf-py's codecs are byte-identical to ggml for Q8_0 and BF16 (checked against libggml in
+tests/test_quants_exact.py) and are used as they are. The others differ on signed zeros or NaN and are
+written here:
+
+* Q4_0, Q5_0: for a block of zeros whose first element is ``-0.0`` gguf-py takes that element as the
+  block's extreme and stores ``d = +0``; ggml starts from ``max = +0``, never replaces it (no
+  ``|v| > 0``) and stores ``d = 0/-8 = -0`` (fp16 0x8000).
+* Q4_1, Q5_1: ggml's min is the *first* of the smallest values (``if (v < min)``), so a block whose
+  smallest values are ``+0`` and ``-0`` stores the sign of the first; numpy's ``min`` may pick either.
+* F16: numpy keeps NaN payloads; ggml's ``GGML_FP32_TO_FP16`` writes every NaN as 0x7E00.
+
+Input of every ``quantize_*`` here: float32 ``(n_blocks, block_size)``; output: uint8
+``(n_blocks, type_size)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from .ggml_float import F32, c_int_trunc, fp16_bits
+from .kquants import first_abs_max
+
+
+def quantize_f32(blocks: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(blocks, dtype=F32).view(np.uint8)
+
+
+def quantize_f16(blocks: np.ndarray) -> np.ndarray:
+    """ggml_fp32_to_fp16_row."""
+    return np.ascontiguousarray(fp16_bits(blocks)).view(np.uint8)
+
+
+def _gguf(qtype: GGMLQuantizationType):
+    def quantize(blocks: np.ndarray) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            return np.ascontiguousarray(gguf_quants.quantize(blocks, qtype)).view(np.uint8)
+
+    quantize.__name__ = f"quantize_{qtype.name.lower()}"
+    quantize.__doc__ = f"gguf-py's {qtype.name} codec (byte-identical to ggml's reference)."
+    return quantize
+
+
+quantize_bf16 = _gguf(GGMLQuantizationType.BF16)
+quantize_q8_0 = _gguf(GGMLQuantizationType.Q8_0)
+
+
+def _signed_levels(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shared part of quantize_row_q4_0_ref / q5_0_ref: d's fp16 bits and ``MIN(2*nmax-1,
+    (int8_t)(x*id + nmax + 0.5f))`` as stored in a uint8."""
+    with np.errstate(all="ignore"):
+        _, vmax = first_abs_max(blocks.T)
+        d = vmax / F32(-nmax)
+        safe = np.where(d != 0, d, F32(1))
+        inv = np.where(d != 0, F32(1) / safe, F32(0))
+        v = blocks * inv[:, None] + F32(nmax + 0.5)
+    q = c_int_trunc(v)
+    q = ((q + 128) & 0xFF) - 128  # (int8_t)
+    q = np.minimum(2 * nmax - 1, q) & 0xFF  # MIN(...) stored in a uint8_t
+    return fp16_bits(d), q.astype(np.uint8)
+
+
+def quantize_q4_0(blocks: np.ndarray) -> np.ndarray:
+    """quantize_row_q4_0_ref: d (fp16), 16 bytes: element j in the low nibble, j+16 in the high."""
+    d, q = _signed_levels(blocks, 8)
+    qs = q[:, :16] | (q[:, 16:] << 4)
+    return np.concatenate([d[:, None].view(np.uint8), qs], axis=1)
+
+
+def quantize_q5_0(blocks: np.ndarray) -> np.ndarray:
+    """quantize_row_q5_0_ref: d (fp16), 32-bit mask of 5th bits (little endian), 16 nibble bytes."""
+    d, q = _signed_levels(blocks, 16)
+    qs = (q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)
+    qh = np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+    return np.concatenate([d[:, None].view(np.uint8), qh, qs], axis=1)
+
+
+def _first_extreme(blocks: np.ndarray, pick) -> np.ndarray:
+    """The first element equal to the block's min/max, as C's strict ``<``/``>`` scan keeps it."""
+    m = pick(blocks, axis=1)
+    idx = np.argmax(blocks == m[:, None], axis=1)
+    return np.take_along_axis(blocks, idx[:, None], axis=1)[:, 0]
+
+
+def _affine_levels(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shared part of quantize_row_q4_1_ref / q5_1_ref: fp16 bits of d and min, and
+    ``(int)((x - min)*id + 0.5f)`` (before the per-type narrowing)."""
+    with np.errstate(all="ignore"):
+        mn = _first_extreme(blocks, np.min)
+        mx = _first_extreme(blocks, np.max)
+        d = (mx - mn) / F32(nmax)
+        inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
+        v = (blocks - mn[:, None]) * inv[:, None] + F32(0.5)
+    return fp16_bits(d), fp16_bits(mn), c_int_trunc(v)
+
+
+def quantize_q4_1(blocks: np.ndarray) -> np.ndarray:
+    """quantize_row_q4_1_ref: d, min (fp16), 16 bytes: element j low nibble, j+16 high nibble."""
+    d, m, q = _affine_levels(blocks, 15)
+    q = (np.minimum(15, ((q + 128) & 0xFF) - 128) & 0xFF).astype(np.uint8)  # MIN(15, (int8_t)...)
+    qs = q[:, :16] | (q[:, 16:] << 4)
+    return np.concatenate([d[:, None].view(np.uint8), m[:, None].view(np.uint8), qs], axis=1)
+
+
+def quantize_q5_1(blocks: np.ndarray) -> np.ndarray:
+    """quantize_row_q5_1_ref: d, min, 32-bit mask of 5th bits, 16 nibble bytes."""
+    d, m, q = _affine_levels(blocks, 31)
+    q = (q & 0xFF).astype(np.uint8)  # (uint8_t)(...), no clamp in the reference
+    qs = (q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)
+    qh = np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+    return np.concatenate([d[:, None].view(np.uint8), m[:, None].view(np.uint8), qh, qs], axis=1)

@@ -1,0 +1,33 @@
+"""``ggmerge chat``: one turn through llama.cpp using the GGUF's own chat template (a smoke test).
+
+The equivalent llama-cpp-python snippet::
+
+    from llama_cpp import Llama
+    llm = Llama(model_path="out/ninja.Q4_K_M.gguf", n_ctx=4096)   # template read from the GGUF
+    llm.create_chat_completion(messages=[{"role": "system", "content": "..."},
+                                         {"role": "user", "content": "..."}])
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import GGMergeError
+
+
+def chat(gguf: str, message: str, *, system: str = "", max_tokens: int = 64) -> str:
+    from .report import out
+    from .llamacpp import load
+
+    p = Path(gguf)
+    if not p.is_file():
+        raise GGMergeError("no such GGUF file", path=p)
+    llm = load(p, n_ctx=2048, f32_cache=False, seed=0)
+    try:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": message}]
+        res = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
+    finally:
+        llm.close()
+    text = res["choices"][0]["message"]["content"]
+    out.print(text)
+    return text

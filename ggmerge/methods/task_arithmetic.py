@@ -1,0 +1,107 @@
+"""Generalized task arithmetic: the one kernel behind task_arithmetic, TIES, DARE, DELLA, Breadcrumbs.
+
+Mirrors mergekit 0.1.5 ``GeneralizedTaskArithmeticMerge.merge_group`` and ``get_mask``:
+
+1. per model, delta_i = model_i − base, sparsified by the configured function (or not at all);
+2. delta_i *= weight_i;
+3. with a consensus method, an entry of delta_i takes part only where its sign equals the elected
+   sign (TIES "sum": the sign of Σ weighted deltas, ties elect +; "count": the majority of signs);
+   the divisor is the sum of the weights of the models taking part there (0 → 1);
+   without consensus every entry takes part and the divisor is Σ weights (|Σ| < 1e-8 → 1);
+4. mixed = Σ delta_i (masked); if ``normalize``: mixed /= divisor; if ``lambda`` ≠ 1: mixed *= lambda;
+5. result = base + mixed.
+
+Which sparsify function and consensus a method uses is configuration, bound with
+``functools.partial`` in :mod:`ggmerge.methods`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from . import sparsify as sp
+
+# (delta, one model's params, rescale, generator) -> sparsified delta
+Sparsifier = Callable[[torch.Tensor, dict[str, Any], bool, "torch.Generator | None"], torch.Tensor]
+
+
+def _need_gen(gen: torch.Generator | None, what: str) -> torch.Generator:
+    if gen is None:
+        raise ValueError(f"{what} is random: pass the per-tensor seeded generator")
+    return gen
+
+
+SPARSIFIERS: dict[str, Sparsifier] = {
+    "magnitude": lambda d, p, rescale, gen: sp.magnitude(d, p["density"], rescale),
+    "magnitude_outliers": lambda d, p, rescale, gen: sp.magnitude_outliers(
+        d, p["density"], p["gamma"], rescale
+    ),
+    "random": lambda d, p, rescale, gen: sp.bernoulli(
+        d, p["density"], _need_gen(gen, "DARE"), rescale
+    ),
+    "della_magprune": lambda d, p, rescale, gen: sp.della_magprune(
+        d, p["density"], p["epsilon"], _need_gen(gen, "DELLA"), rescale
+    ),
+}
+
+
+def consensus_mask(weighted_deltas: torch.Tensor, method: str) -> torch.Tensor:
+    """Boolean mask [models, ...]: True where a model's delta has the elected sign.
+
+    ``weighted_deltas`` is stacked on dim 0. Zero entries have sign 0, which never equals the
+    elected ±1, so they neither count toward the divisor nor contribute (mergekit ``get_mask``).
+    """
+    signs = weighted_deltas.sign()
+    if method == "sum":
+        elected = (weighted_deltas.sum(dim=0) >= 0).to(signs.dtype) * 2 - 1
+    elif method == "count":
+        elected = (signs.sum(dim=0) >= 0).to(signs.dtype) * 2 - 1
+    else:
+        raise ValueError(f"unknown consensus method {method!r}")
+    return signs == elected
+
+
+def generalized_task_arithmetic(
+    base: torch.Tensor | None,
+    models: list[torch.Tensor],
+    model_params: list[dict[str, Any]],
+    params: dict[str, Any],
+    gen: torch.Generator | None,
+    *,
+    sparsify: str | None,
+    consensus: str | None,
+) -> torch.Tensor:
+    """See the module docstring. ``params``: normalize, rescale, lambda (int8_mask is accepted and
+    ignored: in mergekit it only picks the dtype of the ±1 sign tensor, never changing a value)."""
+    if base is None:
+        raise ValueError("task arithmetic needs a base tensor")
+    if not models:
+        return base.clone()
+    rescale = bool(params["rescale"])
+    deltas = torch.empty((len(models), *base.shape), dtype=base.dtype)
+    for i, (model, p) in enumerate(zip(models, model_params)):
+        delta = model - base
+        if sparsify is not None:
+            delta = SPARSIFIERS[sparsify](delta, p, rescale, gen)
+        deltas[i] = delta
+    weights = torch.tensor([float(p["weight"]) for p in model_params], dtype=base.dtype)
+    weights = weights.reshape(len(models), *([1] * base.dim()))
+    deltas.mul_(weights)
+
+    if consensus is not None:
+        mask = consensus_mask(deltas, consensus)
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+
+    if params["normalize"]:
+        mixed /= divisor
+    lam = float(params["lambda"])
+    if lam != 1:
+        mixed *= lam
+    return base + mixed

@@ -1,0 +1,301 @@
+"""``ggmerge quantize TYPE [INPUT] [-o OUT]``: a llama.cpp GGUF of file type TYPE, as llama-quantize makes it.
+
+INPUT is a BF16/F16/F32 GGUF, an HF model folder (converted on the fly, no intermediate file), or an
+already-quantized GGUF (allowed, with a warning: like ``llama-quantize --allow-requantize``). Without
+INPUT the latest ``ggmerge build`` output of the recipe in the current directory is used.
+
+Mirrors ``llama_model_quantize_impl`` (src/llama-quant.cpp): every KV pair is copied in order except
+``general.quantization_version`` and ``general.file_type``, which are removed and re-appended (llama.cpp's
+``gguf_set_val_u32`` does exactly that); tensors are written in llama.cpp's order (by block, then name);
+a tensor whose chosen type equals its stored type is copied byte for byte; every other one is decoded
+to float32 (what llama.cpp does with 16-bit input) and encoded by our codecs. The per-tensor types come
+from :mod:`ggmerge.convert.quants.policy`; each fallback is logged as a warning.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from .errors import GGMergeError
+from .convert.quants.ftypes import FileType, parse_ftype
+from .convert.quants.policy import Choice, Hparams, choose_types, llama_order
+
+log = logging.getLogger(__name__)
+
+_T = gguf.GGMLQuantizationType
+_FLOAT_TYPES = (_T.F32, _T.F16, _T.BF16)
+
+#: KV keys never copied from the input: the GGUF header pseudo-fields, the architecture (the writer
+#: puts it first), split bookkeeping (llama.cpp removes it), and the two keys set for the new file
+_SKIP_KEYS = ("general.architecture", "general.quantization_version", "general.file_type",
+              "split.no", "split.count", "split.tensors.count")
+
+
+def quantize(type: str, input: str | None = None, output: str | None = None, *,  # noqa: A002
+             force: bool = False, recipe: str = "ggmerge.yaml") -> Path:
+    """Write ``output`` (default ``<dir>/<name>.<TYPE>.gguf``) and return its path."""
+    from .convert.gguf_out import write_gguf
+
+    ft = parse_ftype(type)
+    if input is None:
+        src = latest_build_output(recipe)
+        log.info("quantizing the latest build of %s: %s", recipe, src)
+    else:
+        src = Path(input)
+        if not src.exists():
+            raise GGMergeError("no such file or folder", path=src)
+    out = Path(output) if output else default_output(src, ft)
+    if out.resolve() == src.resolve():
+        raise GGMergeError("the output would overwrite the input; name another output with -o", path=out)
+    if out.exists() and not force:
+        raise GGMergeError("output already exists (use --force to replace it)", path=out)
+
+    arch, metadata, tensors, close = (_plan_hf if src.is_dir() else _plan_gguf)(src, ft)
+    try:
+        write_gguf(out, arch, metadata, tensors, description=f"Quantizing {src.name} to {ft.name}")
+    finally:
+        close()
+    log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
+    return out
+
+
+# --- where input and output are ------------------------------------------------------------------
+
+def latest_build_output(recipe_path: str | os.PathLike = "ggmerge.yaml") -> Path:
+    """The HF folder the last ``ggmerge build`` of ``recipe_path`` wrote (``out/<name>/``).
+
+    Read from the build record ``out/<name>/ggmerge-build.json``; warns when the recipe changed since.
+    """
+    from .build import RECORD, default_output as build_output
+    from .recipe.schema import load_recipe
+
+    recipe_path = Path(recipe_path)
+    if not recipe_path.is_file():
+        raise GGMergeError("no INPUT given and no recipe here to take the latest build of "
+                           "(name a GGUF file or model folder, or run in the recipe's folder)",
+                           path=recipe_path)
+    rec = load_recipe(recipe_path)
+    folder = build_output(rec)
+    record = folder / RECORD
+    if not record.is_file():
+        raise GGMergeError(f"recipe '{rec.name}' has not been built yet (no {record}); "
+                           "run `ggmerge build` first or name an INPUT", path=recipe_path)
+    try:
+        info = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise GGMergeError(f"unreadable build record: {exc}", path=record) from None
+    out = Path(info.get("output") or folder)
+    out = out if out.is_absolute() else recipe_path.resolve().parent / out
+    if not out.is_dir():
+        raise GGMergeError("the build record names an output folder that no longer exists",
+                           path=out)
+    if info.get("recipe_sha256") and info["recipe_sha256"] != rec.sha256:
+        log.warning("%s changed since it was last built: quantizing the older build in %s "
+                    "(run `ggmerge build` to refresh it)", recipe_path, out)
+    return out
+
+
+#: a trailing type tag in a model file name: "model.F16", "ggml-model-bf16", "SmolLM2.Q4_1"
+_TYPE_TAG = re.compile(r"[.\-_](f32|f16|bf16|fp16|fp32|q\d(_[a-z0-9]+)*|iq\d\w*|tq\d_\d)$", re.I)
+
+
+def default_output(src: Path, ft: FileType) -> Path:
+    """``<dir>/<name>.<TYPE>.gguf`` beside the input: a folder's name, or a file's stem without its
+    type tag (``x/m.F16.gguf`` → ``x/m.Q4_K_M.gguf``; ``out/ninja/`` → ``out/ninja.Q4_K_M.gguf``)."""
+    src = Path(os.path.abspath(src))
+    stem = src.name if src.is_dir() else src.stem
+    stem = _TYPE_TAG.sub("", stem) or stem
+    return src.parent / f"{stem}.{ft.name}.gguf"
+
+
+# --- planning: (arch, metadata callback, tensors) ------------------------------------------------
+
+def hparams_from_kv(arch: str, get: Callable[[str], object]) -> Hparams:
+    """The hyper-parameters the type rules read, from GGUF metadata (``{arch}.block_count``, …)."""
+    def first(v):
+        return v[0] if isinstance(v, (list, tuple)) and v else v
+
+    n_layer = first(get(f"{arch}.block_count"))
+    if n_layer is None:
+        raise GGMergeError(f"metadata has no '{arch}.block_count'", key=f"{arch}.block_count")
+    n_head = first(get(f"{arch}.attention.head_count")) or 0
+    n_head_kv = first(get(f"{arch}.attention.head_count_kv"))
+    return Hparams(n_layer=int(n_layer), n_head=int(n_head),
+                   n_head_kv=int(n_head if n_head_kv is None else n_head_kv),
+                   n_expert=int(first(get(f"{arch}.expert_count")) or 0), arch=arch)
+
+
+def _report(choices: dict[str, Choice], ft: FileType, where: Path) -> None:
+    """Warn for each fallback (llama.cpp prints these too); summarise the mixture."""
+    n_fb = 0
+    for name, c in choices.items():
+        if c.fallback:
+            n_fb += 1
+            log.warning("%s: %s", name, c.reason)
+        elif c.reason:
+            log.debug("%s: %s", name, c.reason)
+    mix = Counter(c.qtype.name for c in choices.values() if c.quantizable)
+    log.info("%s mixture for %s: %s", ft.name, where.name,
+             ", ".join(f"{n} × {t}" for t, n in mix.most_common()))
+    if n_fb:
+        log.warning("%d of %d tensors required fallback quantization", n_fb, len(choices))
+
+
+def _plan_gguf(path: Path, ft: FileType):
+    from .convert.gguf_out import OutTensor
+
+    reader = _open_reader(path)
+    fields = reader.fields
+
+    def get(key):
+        f = fields.get(key)
+        return None if f is None or not f.types else f.contents()
+
+    arch = get("general.architecture")
+    if not arch:
+        raise GGMergeError("GGUF has no general.architecture", path=path, key="general.architecture")
+    hp = hparams_from_kv(arch, get)
+    by_name = {t.name: t for t in reader.tensors}
+    shapes = {n: tuple(int(x) for x in reversed(t.shape.tolist())) for n, t in by_name.items()}
+    choices = choose_types(ft, [(n, shapes[n], t.tensor_type) for n, t in by_name.items()], hp)
+    _report(choices, ft, path)
+
+    requant = sorted({by_name[n].tensor_type.name for n, c in choices.items()
+                      if c.qtype != by_name[n].tensor_type and by_name[n].tensor_type not in _FLOAT_TYPES})
+    if requant:
+        log.warning("%s is already quantized (%s): requantizing loses quality compared with "
+                    "quantizing the BF16/F16 original (llama-quantize needs --allow-requantize "
+                    "for this)", path.name, ", ".join(requant))
+
+    tensors = []
+    for name in llama_order(by_name):
+        t, c = by_name[name], choices[name]
+        if c.qtype == t.tensor_type:
+            # llama.cpp copies a tensor that already has its target type verbatim
+            tensors.append(OutTensor(name, shapes[name], c.qtype, load=_loader(t, shapes[name], path),
+                                     raw=_raw(t)))
+        else:
+            tensors.append(OutTensor(name, shapes[name], c.qtype, load=_loader(t, shapes[name], path)))
+
+    def metadata(w: gguf.GGUFWriter) -> None:
+        for key, f in fields.items():
+            if key.startswith("GGUF.") or key in _SKIP_KEYS:
+                continue
+            _copy_field(w, f, path)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_file_type(int(ft.ftype))
+
+    return arch, metadata, tensors, lambda: None
+
+
+def _open_reader(path: Path) -> gguf.GGUFReader:
+    # not ggmerge.sources.gguf.open_reader: that module imports torch (~180 MB, ~1 s) for nothing here
+    try:
+        return gguf.GGUFReader(path, "r")
+    except (ValueError, OSError, IndexError, KeyError, TypeError) as exc:
+        raise GGMergeError(f"not a readable GGUF file ({type(exc).__name__}: {exc})", path=path) from None
+
+
+def _loader(t, shape: tuple[int, ...], path: Path) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        try:
+            if t.tensor_type == _T.F32:
+                arr = np.asarray(t.data, dtype=np.float32)
+            else:
+                arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise GGMergeError(f"cannot decode tensor type {t.tensor_type.name}", path=path,
+                               tensor=t.name) from None
+        return arr.reshape(shape)
+    return load
+
+
+def _raw(t) -> Callable[[], np.ndarray]:
+    return lambda: np.asarray(t.data).view(np.uint8).reshape(-1)
+
+
+def _copy_field(w: gguf.GGUFWriter, f, path: Path) -> None:
+    vtype = f.types[0]
+    sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+    if vtype == gguf.GGUFValueType.ARRAY and len(f.types) > 2:
+        log.warning("%s: skipping metadata key '%s' (nested arrays are not copied)", path.name, f.name)
+        return
+    val = f.contents()
+    if vtype == gguf.GGUFValueType.ARRAY and len(val) == 0:
+        log.warning("%s: skipping empty metadata array '%s' (gguf-py cannot write one)", path.name, f.name)
+        return
+    if f.name == "general.alignment":
+        w.data_alignment = int(val)
+    w.add_key_value(f.name, val, vtype, sub_type=sub)
+
+
+def _plan_hf(folder: Path, ft: FileType):
+    """An HF folder through the converter's own plan, so the result equals ``ggmerge convert
+    --outtype bf16`` followed by llama-quantize: same metadata, and values rounded to bf16 first
+    (llama-quantize reads the bf16 file's values, not the float32 ones)."""
+    from .sources import open_source
+
+    source = open_source(folder)
+    try:
+        return (*_plan_source(source, folder, ft), source.close)
+    except BaseException:
+        source.close()
+        raise
+
+
+def _plan_source(source, folder: Path, ft: FileType):
+    from .convert.hf_to_gguf import plan_gguf, read_vocab
+
+    tdir = source.tokenizer_dir()
+    if tdir is None:
+        raise GGMergeError("no tokenizer files (tokenizer.model or tokenizer.json); llama.cpp "
+                           "needs the vocabulary inside the GGUF", path=folder)
+    base_meta, planned = plan_gguf(source, read_vocab(tdir), source.config(), "bf16",
+                                   name=folder.resolve().name)
+
+    probe = gguf.GGUFWriter(None, "llama")
+    base_meta(probe)
+    kv = {k: v.value for k, v in probe.kv_data[0].items()}
+    arch = kv.get("general.architecture", "llama")
+    hp = hparams_from_kv(arch, kv.get)
+    choices = choose_types(ft, [(t.name, t.shape, t.qtype) for t in planned], hp)
+    _report(choices, ft, folder)
+
+    by_name = {t.name: t for t in planned}
+    tensors = []
+    for name in llama_order(by_name):
+        t, c = by_name[name], choices[name]
+        tensors.append(type(t)(name, tuple(t.shape), c.qtype, load=_rounded(t.load, t.qtype)))
+
+    def metadata(w: gguf.GGUFWriter) -> None:
+        base_meta(w)
+        # llama.cpp's gguf_set_val_u32 removes a key and appends it: these two end up last
+        for key in ("general.quantization_version", "general.file_type"):
+            w.kv_data[0].pop(key, None)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_file_type(int(ft.ftype))
+
+    return arch, metadata, tensors
+
+
+def _rounded(load: Callable[[], np.ndarray], planned: _T) -> Callable[[], np.ndarray]:
+    """float32 values exactly as a ``planned``-type (BF16/F16) file would hold them."""
+    if planned not in (_T.BF16, _T.F16):
+        return load
+
+    def f() -> np.ndarray:
+        import torch
+
+        from .dtypes import round_trip
+
+        dt = torch.bfloat16 if planned == _T.BF16 else torch.float16
+        return round_trip(torch.from_numpy(np.ascontiguousarray(load(), dtype=np.float32)), dt).numpy()
+    return f

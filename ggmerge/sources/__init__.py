@@ -1,0 +1,77 @@
+"""Tensor sources: every input format behind the one :class:`~ggmerge.sources.base.TensorSource` protocol.
+
+``open_source`` is the only entry point the rest of ggmerge needs: give it what the user wrote (a model
+folder, a ``.safetensors`` file, a ``.gguf`` file, or a Hub id) and it returns a source.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import GGMergeError
+from .base import TensorSource
+from .gguf import GGUFSource
+from .hub import hub_cache_dir, parse_hub_id, resolve_hub_id
+from .safetensors import INDEX_NAME, SafetensorsSource
+
+__all__ = [
+    "TensorSource", "SafetensorsSource", "GGUFSource", "open_source", "resolve_hub_id",
+    "parse_hub_id", "hub_cache_dir",
+]
+
+#: pickle-based checkpoints: loading them runs arbitrary code, so they are refused, never opened
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickles(where: Path, files: list[Path]) -> GGMergeError:
+    names = ", ".join(sorted(f.name for f in files)[:3])
+    return GGMergeError(
+        f"holds only PyTorch pickle weights ({names}); ggmerge never unpickles files (they can run "
+        "code). Convert them to safetensors first, on a machine and with code you trust.",
+        path=where)
+
+
+def _open_folder(folder: Path) -> TensorSource:
+    if (folder / INDEX_NAME).is_file() or any(folder.glob("*.safetensors")):
+        return SafetensorsSource(folder)
+    pickles = [f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise _refuse_pickles(folder, pickles)
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return GGUFSource(ggufs[0])
+    if ggufs:
+        raise GGMergeError(f"holds {len(ggufs)} GGUF files; name the one to use "
+                           f"(e.g. {ggufs[0]})", path=folder)
+    raise GGMergeError("is not a model folder (no *.safetensors, no model.safetensors.index.json)",
+                       path=folder)
+
+
+def open_source(spec: str | os.PathLike, *, offline: bool = True,
+                hub_offline: bool | None = None) -> TensorSource:
+    """Open ``spec`` as a tensor source.
+
+    ``spec`` may be an HF model folder (``config.json`` + ``*.safetensors``, sharded or not), a single
+    ``.safetensors`` file (config from its folder), a ``.gguf`` file, or a Hub id ``org/name`` /
+    ``org/name@revision`` looked up in the local HF cache (downloaded when ``offline`` is False).
+    A local path wins over a Hub id of the same spelling. ``hub_offline`` is an alias of ``offline``.
+    """
+    if hub_offline is not None:
+        offline = hub_offline
+    path = Path(os.path.expanduser(str(spec)))
+    if path.is_dir():
+        return _open_folder(path)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            return SafetensorsSource(path)
+        if suffix == ".gguf":
+            return GGUFSource(path)
+        if path.name == INDEX_NAME:
+            return SafetensorsSource(path.parent)
+        if suffix in PICKLE_SUFFIXES:
+            raise _refuse_pickles(path, [path])
+        raise GGMergeError("unknown model file type (expected a folder, .safetensors or .gguf)", path=path)
+    if parse_hub_id(str(spec)) is not None and not str(spec).startswith((".", "/", "~")):
+        return _open_folder(resolve_hub_id(str(spec), offline=offline))
+    raise GGMergeError("no such file or folder, and not a Hub id ('org/name')", path=path)

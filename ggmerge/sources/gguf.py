@@ -1,0 +1,216 @@
+"""GGUF files (F32/F16/BF16 or any type gguf-py dequantizes) as sources of float32 HF tensors.
+
+``gguf.GGUFReader`` memory-maps the file and hands out views of each tensor's bytes, so a tensor is
+read and dequantized only when it is loaded. Names are mapped back to Hugging Face names with
+``ggmerge.arch.llama``; shapes are reported in HF order (GGUF lists ``ne0`` — the row length — first);
+Q and K are un-permuted from llama.cpp's interleaved RoPE layout (the inverse of
+``convert_hf_to_gguf.py``'s ``LlamaModel.permute``) using the head counts stored in the file.
+The config and the tokenizer folder are synthesised from the GGUF metadata.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from functools import lru_cache
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from ..arch import llama
+from ..errors import GGMergeError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+#: GGUF tensors that llama.cpp's converter derives from config values (e.g. llama-3 rope scaling
+#: frequency factors); HF recomputes them from config.json, so they are not tensors of the model.
+DERIVED = ("rope_freqs.weight",)
+
+_Q = gguf.GGMLQuantizationType
+
+
+@lru_cache(maxsize=None)
+def dequantizable(qtype: gguf.GGMLQuantizationType) -> bool:
+    """Whether gguf-py can dequantize ``qtype`` (probed on one zero block: gguf-py has no public table)."""
+    if qtype in (_Q.F32, _Q.F16):
+        return True
+    try:
+        _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
+    except Exception:  # noqa: BLE001 - NotImplementedError, or a codec that cannot run here
+        return False
+    return True
+
+
+def open_reader(path: Path) -> gguf.GGUFReader:
+    """``GGUFReader`` with its failures (bad magic, truncation, unknown types) as one GGMergeError."""
+    try:
+        return gguf.GGUFReader(path, "r")
+    except FileNotFoundError:
+        raise GGMergeError("no such file", path=path) from None
+    except (ValueError, OSError, IndexError, KeyError, TypeError) as exc:
+        raise GGMergeError(f"not a readable GGUF file ({type(exc).__name__}: {exc})", path=path) from None
+
+
+def field(reader: gguf.GGUFReader, key: str, default=None):
+    """A metadata value as a Python value (str, int, float, bool or list), or ``default``."""
+    f = reader.get_field(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+class GGUFSource:
+    """A GGUF file of the ``llama`` architecture, seen under HF names and layout."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.reader = open_reader(self.path)
+        arch = field(self.reader, "general.architecture")
+        if arch != llama.GGUF_ARCH:
+            raise GGMergeError(
+                f"unsupported GGUF architecture '{arch}' (ggmerge reads '{llama.GGUF_ARCH}': "
+                "Llama, Mistral and their relatives)", path=self.path, key="general.architecture")
+        self._tensors: dict[str, object] = {}
+        for t in self.reader.tensors:
+            if t.name in DERIVED:
+                log.debug("%s: skipping %s (derived from config by HF)", self.path, t.name)
+                continue
+            hf = llama.gguf_to_hf(t.name)
+            if hf is None:
+                raise GGMergeError("tensor has no Hugging Face counterpart in the llama architecture",
+                                   path=self.path, tensor=t.name)
+            if not dequantizable(t.tensor_type):
+                raise GGMergeError(
+                    f"tensor type {t.tensor_type.name} cannot be dequantized by gguf-py "
+                    f"{getattr(gguf, '__version__', '')}".rstrip(), path=self.path, tensor=t.name)
+            self._tensors[hf] = t
+        if not self._tensors:
+            raise GGMergeError("holds no tensors (a vocab-only GGUF?)", path=self.path)
+        self._heads = self._head_counts()
+        self._config: dict | None = None
+        self._vocab = None
+        self._tokdir: Path | None = None
+        self._cleanup: weakref.finalize | None = None
+
+    def _head_counts(self) -> dict:
+        a = llama.GGUF_ARCH
+        n_head = field(self.reader, f"{a}.attention.head_count")
+        n_kv = field(self.reader, f"{a}.attention.head_count_kv", n_head)
+        if n_head is None:
+            raise GGMergeError("missing metadata: Q/K cannot be un-permuted without the head count",
+                               path=self.path, key=f"{a}.attention.head_count")
+        # head_count_kv may be stored per layer; the llama family uses one value for all layers
+        if isinstance(n_kv, list):
+            if len(set(n_kv)) != 1:
+                raise GGMergeError("per-layer KV head counts differ; not a llama-family model",
+                                   path=self.path, key=f"{a}.attention.head_count_kv")
+            n_kv = n_kv[0]
+        return {"num_attention_heads": int(n_head), "num_key_value_heads": int(n_kv)}
+
+    # -- TensorSource ----------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def _get(self, name: str):
+        if self.reader is None:
+            raise GGMergeError("source is closed", path=self.path, tensor=name)
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise GGMergeError(f"no such tensor{did_you_mean(name, self._tensors)}",
+                               path=self.path, tensor=name) from None
+
+    def gguf_name(self, name: str) -> str:
+        return self._get(name).name
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        # GGUF dims are ggml's ne[] (fastest-varying first); HF/numpy order is the reverse
+        return tuple(int(d) for d in reversed(self._get(name).shape.tolist()))
+
+    def dtype(self, name: str) -> str:
+        return self._get(name).tensor_type.name
+
+    def load(self, name: str) -> torch.Tensor:
+        t = self._get(name)
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as exc:  # noqa: BLE001 - a codec failure on this tensor's bytes
+            raise GGMergeError(f"cannot dequantize {t.tensor_type.name}: {exc}",
+                               path=self.path, tensor=t.name) from None
+        # F32 comes back as a read-only view of the memory map: copy it (and anything not plain C f32)
+        if arr.dtype != np.float32 or not arr.flags.writeable or not arr.flags.c_contiguous:
+            arr = np.array(arr, dtype=np.float32, order="C")
+        w = torch.from_numpy(arr.reshape(self.shape(name)))
+        n_head = llama.heads_for_permute(name, self._heads)
+        if n_head is not None:
+            w = llama.unpermute(w, n_head)
+        return w
+
+    def config(self) -> dict:
+        if self._config is None:
+            self._config = self._build_config()
+        return dict(self._config)
+
+    def _build_config(self) -> dict:
+        from ..convert.hparams import config_from_gguf
+
+        try:
+            cfg = dict(config_from_gguf(self.reader))
+        except GGMergeError as exc:
+            if exc.path is None:
+                exc.path = self.path
+            raise
+        # a GGUF without output.weight ties the LM head to the embedding (llama.cpp does the same)
+        cfg["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
+        for key, value in self._heads.items():
+            cfg.setdefault(key, value)
+        return cfg
+
+    def vocab(self):
+        """The GGUF vocabulary as a :class:`~ggmerge.tokenizer.vocab.Vocab` (None if the file has none)."""
+        if self._vocab is None and field(self.reader, "tokenizer.ggml.tokens") is not None:
+            from ..tokenizer.gguf_vocab import read_gguf
+
+            self._vocab = read_gguf(self.reader)
+        return self._vocab
+
+    def tokenizer_dir(self) -> Path | None:
+        """HF tokenizer files rebuilt from the GGUF vocab, in a temporary folder removed on close."""
+        if self._tokdir is None:
+            vocab = self.vocab()
+            if vocab is None:
+                return None
+            from ..tokenizer.hf_files import write_hf
+
+            d = Path(tempfile.mkdtemp(prefix="ggmerge-gguf-tokenizer-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, d, True)
+            try:
+                write_hf(vocab, d)
+            except BaseException:
+                self._cleanup()
+                raise
+            self._tokdir = d
+        return self._tokdir
+
+    def close(self) -> None:
+        """Remove the synthesised tokenizer folder and drop the memory map."""
+        if self._cleanup is not None:
+            self._cleanup()
+            self._cleanup = None
+        self._tokdir = None
+        self._tensors = {}
+        self.reader = None
+
+    def __enter__(self) -> "GGUFSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"GGUFSource({str(self.path)!r}, {len(self._tensors)} tensors)"

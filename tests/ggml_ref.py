@@ -1,0 +1,106 @@
+"""libggml as a reference, through ctypes.
+
+llama-cpp-python bundles ``libggml-base`` (the library holding ggml's reference quantizers,
+``quantize_row_*_ref``, and the type traits). Tests call it directly so that our codecs are compared
+with the bytes llama.cpp itself writes, not with our own reading of its source.
+
+    from tests.ggml_ref import ref_quantize, ref_dequantize
+    raw = ref_quantize(x, GGMLQuantizationType.Q4_K)   # bytes of ggml_quantize_chunk(imatrix=NULL)
+
+Import this module only after ``pytest.importorskip("llama_cpp")`` (it raises ImportError otherwise).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+import llama_cpp  # noqa: F401  (ImportError here means the reference is genuinely unavailable)
+
+_to_float_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+class _TypeTraits(ctypes.Structure):
+    # struct ggml_type_traits in ggml/include/ggml.h
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+def lib_dir() -> str:
+    return os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    candidates = sorted(glob.glob(os.path.join(lib_dir(), "libggml-base.so*")))
+    candidates += sorted(glob.glob(os.path.join(lib_dir(), "libggml-base*.dylib")))
+    candidates += sorted(glob.glob(os.path.join(lib_dir(), "ggml-base.dll")))
+    if not candidates:
+        raise ImportError(f"no libggml-base in {lib_dir()}")
+    lib = ctypes.CDLL(candidates[0])
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    ]
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    return lib
+
+
+def type_traits(qtype: GGMLQuantizationType) -> _TypeTraits:
+    return _lib().ggml_get_type_traits(int(qtype)).contents
+
+
+def ref_quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Bytes of ``ggml_quantize_chunk(qtype, data, start=0, nrows, n_per_row, imatrix=NULL)``.
+
+    ``data`` is float32 of shape (..., n_per_row); the result is uint8 of shape
+    (..., n_per_row // block_size * type_size), the layout GGUF stores. Single-threaded.
+    """
+    x = np.ascontiguousarray(data, dtype=np.float32)
+    n_per_row = x.shape[-1]
+    nrows = x.size // n_per_row if n_per_row else 0
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if n_per_row % block_size:
+        raise ValueError(f"{n_per_row} is not a multiple of the {qtype.name} block size {block_size}")
+    row_bytes = n_per_row // block_size * type_size
+    lib = _lib()
+    assert lib.ggml_row_size(int(qtype), n_per_row) == row_bytes
+    out = np.zeros(x.shape[:-1] + (row_bytes,), dtype=np.uint8)
+    if nrows:
+        # ggml_quantize_chunk calls ggml_quantize_init itself (a no-op for the types without an imatrix)
+        written = lib.ggml_quantize_chunk(
+            int(qtype), x.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, None)
+        assert written == nrows * row_bytes, (written, nrows * row_bytes)
+    return out
+
+
+def ref_dequantize(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """float32 values of ggml's ``to_float`` for ``qtype`` (shape (..., n_per_row))."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    r = np.ascontiguousarray(raw, dtype=np.uint8)
+    n_per_row = r.shape[-1] // type_size * block_size
+    out = np.empty(r.shape[:-1] + (n_per_row,), dtype=np.float32)
+    if qtype == GGMLQuantizationType.F32:
+        out[...] = r.view(np.float32).reshape(out.shape)
+        return out
+    fn = type_traits(qtype).to_float
+    if not fn:
+        raise NotImplementedError(f"libggml has no to_float for {qtype.name}")
+    if out.size:
+        _to_float_t(fn)(r.ctypes.data, out.ctypes.data, out.size)
+    return out
