@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import gguf
 import numpy as np
 
 from ggmerge.atomic import atomic_path
+from ggmerge.convert.quants import quantize
 from ggmerge.errors import GGMergeError
 from ggmerge.progress import track
 
@@ -53,14 +55,6 @@ def encoded_nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> 
     return n_rows * (row // block) * type_size
 
 
-def _quantizer() -> Callable[[np.ndarray, gguf.GGMLQuantizationType], np.ndarray]:
-    try:  # DEV-FALLBACK: remove once helper-1's quantize lands
-        from ggmerge.convert.quants import quantize
-    except ImportError:
-        quantize = gguf.quants.quantize
-    return quantize
-
-
 def write_gguf(
     path: str | os.PathLike,
     arch: str,
@@ -87,7 +81,6 @@ def write_gguf(
         except ValueError as exc:
             raise GGMergeError(f"cannot store as {t.qtype.name}: {exc}", path=path, tensor=t.name) from None
 
-    quantize = _quantizer()
     total = sum(sizes)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
@@ -101,7 +94,7 @@ def write_gguf(
             writer.write_ti_data_to_file()
             with track(description or f"writing {os.fspath(path)}", total, len(tensors)) as bar:
                 for t, nbytes in zip(tensors, sizes):
-                    data = _encode(t, quantize, path)
+                    data = _encode(t, path)
                     if data.nbytes != nbytes:
                         raise GGMergeError(
                             f"encoded {t.qtype.name} data has {data.nbytes} bytes, expected {nbytes} "
@@ -114,7 +107,7 @@ def write_gguf(
     log.info("wrote %s (%d tensors, %.1f MiB)", path, len(tensors), total / 2**20)
 
 
-def _encode(t: OutTensor, quantize, path) -> np.ndarray:
+def _encode(t: OutTensor, path) -> np.ndarray:
     """One tensor's bytes, ready for the file."""
     try:
         if t.raw is not None:
@@ -128,10 +121,12 @@ def _encode(t: OutTensor, quantize, path) -> np.ndarray:
                                path=path, tensor=t.name)
         if not np.isfinite(arr).all():
             raise GGMergeError("holds NaN or infinite values; refusing to write them", path=path, tensor=t.name)
-        return np.ascontiguousarray(quantize(arr, t.qtype))
+        return np.ascontiguousarray(quantize(arr, t.qtype, tensor=t.name))
     except GGMergeError as exc:
         if exc.tensor is None:
             exc.tensor = t.name
+        if exc.path is None:
+            exc.path = Path(path)
         raise
     except (ValueError, TypeError, NotImplementedError, ArithmeticError) as exc:
         raise GGMergeError(f"cannot encode as {t.qtype.name}: {exc}", path=path, tensor=t.name) from exc

@@ -6,7 +6,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-out = Console()
+import sys
+
+# piped output (logs, CI, tests) is not wrapped to 80 columns: wide tables stay whole
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def human_bytes(n: float) -> str:

@@ -108,15 +108,17 @@ class Evaluator:
             maps = [info.row_maps[op.ref] for op in job.operands]
             anchor = st.base or job.operands[0].ref
             base_idx = next((i for i, op in enumerate(job.operands) if op.ref == anchor), 0)
-            values = remap_rows(values, maps, base_idx)
+            values = remap_rows(values, maps, base_idx, pad_to_multiple_of=st.pad_to_multiple_of)
         has_base = bool(job.operands) and job.operands[0].is_base
         method = st.method
         base_t = values[0] if has_base else None
         models = values[1:] if has_base else values
         ops = job.operands[1:] if has_base else job.operands
-        model_params = [self._resolve_all(method.model_params, (op.params, job.slice_params, st.params), job)
-                        for op in ops]
-        params = self._resolve_all(method.params, (job.slice_params, st.params), job)
+        # per-model settings are matched against that model's own tensor name (as mergekit does; it
+        # differs from the output name only in slices with shifted layer ranges)
+        model_params = [self._resolve_all(method.model_params, (op.params, job.slice_params, st.params), job,
+                                          op.tensor) for op in ops]
+        params = self._resolve_all(method.params, (job.slice_params, st.params), job, job.name)
         gen = seeded_generator(self.recipe.seed, f"{st.label}/{name}") if method.uses_random else None
         try:
             model_params, params = method.complete(model_params, params, tensor=name)
@@ -132,7 +134,7 @@ class Evaluator:
             out = out.to(st.dtype).float()
         return out
 
-    def _resolve_all(self, spec: dict, chain: tuple[dict, ...], job: TensorJob) -> dict:
+    def _resolve_all(self, spec: dict, chain: tuple[dict, ...], job: TensorJob, tensor: str) -> dict:
         """Per-tensor value of every parameter in ``spec``: the first of ``chain`` (model entry, then
         slice, then the stage's ``parameters``) whose setting applies to this tensor — a filter list that
         matches nothing falls through to the next, as in mergekit — else the method's default."""
@@ -141,7 +143,7 @@ class Evaluator:
             value = None
             for c in chain:
                 if key in c:
-                    value = resolve(c[key], job.name, job.layer, job.span, kind=PARAM_KINDS.get(key), key=key)
+                    value = resolve(c[key], tensor, job.layer, job.span, kind=PARAM_KINDS.get(key), key=key)
                     if value is not None:
                         break
             out[key] = default if value is None else value

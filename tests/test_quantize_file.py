@@ -21,7 +21,7 @@ from ggmerge.quantize import default_output, latest_build_output, quantize
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from models import load_llama  # noqa: E402  (tests/ is on sys.path)
+from models import llama_logits, load_llama  # noqa: E402  (tests/ is on sys.path)
 from test_policy import llama_quantize, write_tiny_gguf  # noqa: E402
 
 #: 8 layers of 256-wide rows: the Q4_K_M/Q5_K_M "more bits" pattern shows (layers 0, 3, 6, 7), GQA 4
@@ -59,11 +59,10 @@ def assert_same_file(ours: Path, ref: Path) -> None:
 def greedy(path: Path, prompt: str, n: int = 6) -> tuple[list[int], np.ndarray]:
     """n greedy tokens after ``prompt`` and the logits of the first step, from llama-cpp-python
     (through ``models.load_llama``: F32 KV cache, and no AMX repacking, which segfaults here)."""
-    llm = load_llama(path, n_ctx=128, logits_all=False, n_threads=1)
+    llm = load_llama(path, n_ctx=128, n_threads=1)
     try:
         toks = llm.tokenize(prompt.encode())
-        llm.eval(toks)
-        first = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        first = llama_logits(llm, toks)[-1]
         out = []
         for tok in llm.generate(toks, temp=0.0, reset=True):
             out.append(int(tok))

@@ -116,6 +116,11 @@ def test_float32_storage_and_unknown_tensor(tmp_path):
     assert src.dtype("model.norm.weight") == "F32" and src.dtype("h") == "F16"
     assert torch.equal(src.load("model.norm.weight"), torch.arange(6.0).reshape(2, 3))
     assert torch.equal(src.load("h"), torch.tensor([1.5, -2.25]))
+    # each load is the caller's own tensor: in-place math on one does not show up in the next
+    for name in ("model.norm.weight", "h"):
+        first = src.load(name)
+        first.mul_(0)
+        assert not torch.equal(src.load(name), first), name
     with pytest.raises(GGMergeError, match="did you mean 'model.norm.weight'") as e:
         src.shape("model.norm.weights")
     assert e.value.path == f
@@ -282,6 +287,13 @@ def test_gguf_values_equal_libggml_dequantization(smol):
         assert torch.equal(got, ref), name
         checked.add(smol.dtype(name))
     assert checked == {"Q8_0", "Q4_1", "F32"}
+
+
+def test_gguf_loads_are_independent(smol):
+    for name in ("model.norm.weight", "model.layers.1.self_attn.k_proj.weight", "model.embed_tokens.weight"):
+        first = smol.load(name)
+        first.mul_(0)
+        assert not torch.equal(smol.load(name), first), name
 
 
 def test_gguf_qk_unpermute_is_not_identity(smol):

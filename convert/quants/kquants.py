@@ -108,24 +108,27 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         wl = np.empty_like(x)
 
         def around(m):
-            """What levels of iscale * (x - m) need, for the current min m (per column)."""
+            """(max - min, reach of |x - min|, no clamp needed) for the current min m per column."""
+            rng = np.where(keep, xmax - m, F32(1))  # flat columns: any finite value will do
             reach = np.where(keep, np.maximum(np.abs(xmax - m), np.abs(xmin - m)), F32(0))
-            return xmax - m, reach, bool(np.any(m > xmin))
+            return rng, reach, bool(np.all(rng > 0)) and not bool(np.any(m > xmin))
 
-        def levels(num, m, rng, reach, below):
-            # v = iscale*(x - m) lies between iscale*(xmin - m) and iscale*(xmax - m) <= num*(1+3eps):
-            # below 2**22 rint is exact; no element goes below 0 unless m > xmin somewhere, none
-            # above nmax unless num >= nmax + 0.5
+        def levels(num, m, rng, reach, inside):
+            # C: MAX(0, MIN(nmax, nearest_int(iscale*(x - min)))), iscale = num/(max - min).
+            # |v| <= iscale*reach below 2**22: rint is exact. 'inside' (min <= x <= max, max > min
+            # everywhere) gives 0 <= v <= num*(1+eps)**2: the clamps are no-ops unless num >= nmax+.5
             iscale = num / rng
             np.subtract(x, m, out=t)
             np.multiply(t, iscale, out=L)
             fast = bool(np.max(iscale * reach) < _SAFE_RINT)
-            upper = hi if not fast or np.max(num) >= hi + F32(0.49) else None
-            _levels(L, 0.0 if (below or not fast) else None, upper, fast)
+            if fast and inside:
+                _levels(L, None, hi if np.max(num) >= hi + F32(0.49) else None, True)
+            else:
+                _levels(L, 0.0, hi, fast)
             return iscale
 
-        rng, reach, below = around(mn)
-        iscale = levels(hi, mn, rng, reach, below)
+        rng, reach, inside = around(mn)
+        iscale = levels(hi, mn, rng, reach, inside)
         scale = F32(1) / iscale
         np.multiply(L, scale, out=t)
         np.add(t, mn, out=t)
@@ -137,7 +140,7 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
 
         nums = [F32(rmin) + F32(rdelta) * F32(step) + F32(nmax) for step in range(nstep + 1)]
         for k, num in enumerate(nums, start=1):
-            levels(num, mn, rng, reach, below)
+            levels(num, mn, rng, reach, inside)
             np.multiply(w, L, out=wl)
             sum_l = seq_sum(wl)
             np.multiply(wl, L, out=t)
@@ -160,15 +163,15 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
             if better.any():
                 best_error = np.where(better, cur_error, best_error)
                 scale = np.where(better, this_scale, scale)
-                best_step = np.where(better, np.int8(k), best_step)
+                np.maximum(best_step, better.view(np.int8) * np.int8(k), out=best_step)
                 best_m = np.where(better, mn, best_m)  # the min these levels were made with
                 mn = np.where(better, this_min, mn)
-                rng, reach, below = around(mn)
+                rng, reach, inside = around(mn)
 
         # the chosen levels again (same float operations, so the same values)
         best_num = np.asarray([hi] + nums, dtype=F32)[best_step]
-        rng, reach, below = around(best_m)
-        levels(best_num, best_m, rng, reach, below)
+        rng, reach, inside = around(best_m)
+        levels(best_num, best_m, rng, reach, inside)
         L[:, flat] = 0
         scale = np.where(flat, F32(0), scale)
         the_min = -mn
@@ -209,21 +212,20 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
             np.multiply(t, L, out=t)
             return sumlx, seq_sum(t)
 
-        iscale = F32(-nmax) / vmax
-        sumlx, suml2 = sums(iscale)
+        # numerators of iscale: C's first try, then is = -9..9 without 0
+        nums = [F32(-nmax)] + [-(F32(nmax) + F32(0.1) * F32(i)) for i in range(-9, 10) if i]
+        sumlx, suml2 = sums(nums[0] / vmax)
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
-        best_iscale = iscale
-        for step in range(-9, 10):
-            if step == 0:
-                continue
-            iscale = -(F32(nmax) + F32(0.1) * F32(step)) / vmax
-            sumlx, suml2 = sums(iscale)
+        best_k = np.zeros(x.shape[1], dtype=np.int8)
+        for k in range(1, len(nums)):
+            sumlx, suml2 = sums(nums[k] / vmax)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
             if better.any():
                 scale = np.where(better, sumlx / suml2, scale)
                 best = np.where(better, scale * sumlx, best)
-                best_iscale = np.where(better, iscale, best_iscale)
+                np.maximum(best_k, better.view(np.int8) * np.int8(k), out=best_k)  # later k wins
+        best_iscale = np.asarray(nums, dtype=F32)[best_k] / vmax
         np.multiply(x, best_iscale, out=L)
         _levels(L, lo, hi, True)
         L += F32(nmax)
@@ -302,7 +304,8 @@ def quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     with np.errstate(all="ignore"):
         scales, Lsearch = make_qx_quants_rmse1(x, 32)
         scales = scales.reshape(B, 16)
-        max_abs, max_scale = first_abs_max(scales.T)
+        finite = np.isfinite(scales).all()
+        max_abs, max_scale = (first_abs_max_finite if finite else first_abs_max)(scales.T)
         zero = max_abs < GROUP_MAX_EPS
         iscale = F32(-128) / np.where(zero, F32(1), max_scale)
         d_bits, d = fp16_round(F32(1) / iscale)

@@ -123,7 +123,8 @@ def quantize_q3_k(blocks: np.ndarray) -> np.ndarray:
     with np.errstate(all="ignore"):
         scales, Lsearch = make_q3_quants(x, 4)
         scales = scales.reshape(B, 16)
-        _, max_scale = first_abs_max(scales.T)
+        finite = np.isfinite(scales).all()
+        _, max_scale = (first_abs_max_finite if finite else first_abs_max)(scales.T)
         has = max_scale != 0
         iscale = F32(-32) / np.where(has, max_scale, F32(1))
         l = nearest_int(iscale[:, None] * scales)

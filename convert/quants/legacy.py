@@ -1,8 +1,8 @@
 """F32/F16/BF16 and the 32-element block types Q8_0, Q4_0, Q4_1, Q5_0, Q5_1.
 
-gguf-py's codecs are byte-identical to ggml for Q8_0 and BF16 (checked against libggml in
-tests/test_quants_exact.py) and are used as they are. The others differ on signed zeros or NaN and are
-written here:
+gguf-py's Q8_0 codec is byte-identical to ggml (checked against libggml in tests/test_quants_exact.py)
+and is used as it is. BF16 is a direct mirror of ggml_compute_fp32_to_bf16 (same bytes as gguf-py's,
+without its uint64 temporaries). The others are written here because gguf-py's bytes differ:
 
 * Q4_0, Q5_0: for a block of zeros whose first element is ``-0.0`` gguf-py takes that element as the
   block's extreme and stores ``d = +0``; ggml starts from ``max = +0``, never replaces it (no
@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from .ggml_float import F32, c_int_trunc, fp16_bits
-from .kquants import first_abs_max
+from .kquants import first_abs_max_finite
 
 
 def quantize_f32(blocks: np.ndarray) -> np.ndarray:
@@ -33,25 +33,31 @@ def quantize_f16(blocks: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(fp16_bits(blocks)).view(np.uint8)
 
 
-def _gguf(qtype: GGMLQuantizationType):
-    def quantize(blocks: np.ndarray) -> np.ndarray:
-        with np.errstate(all="ignore"):
-            return np.ascontiguousarray(gguf_quants.quantize(blocks, qtype)).view(np.uint8)
+def quantize_bf16(blocks: np.ndarray) -> np.ndarray:
+    """ggml_fp32_to_bf16_row_ref: round to nearest even; NaN kept, made quiet (bit 6 of the bf16)."""
+    u = np.ascontiguousarray(blocks, dtype=F32).view(np.uint32)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    with np.errstate(over="ignore"):
+        h = (u + (np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1)))) >> 16  # no wrap below NaN
+    if nan.any():
+        h = np.where(nan, (u >> 16) | np.uint32(64), h)
+    return h.astype(np.uint16).view(np.uint8)
 
-    quantize.__name__ = f"quantize_{qtype.name.lower()}"
-    quantize.__doc__ = f"gguf-py's {qtype.name} codec (byte-identical to ggml's reference)."
-    return quantize
 
-
-quantize_bf16 = _gguf(GGMLQuantizationType.BF16)
-quantize_q8_0 = _gguf(GGMLQuantizationType.Q8_0)
+def quantize_q8_0(blocks: np.ndarray) -> np.ndarray:
+    """quantize_row_q8_0_ref, by gguf-py's codec (byte-identical; roundf half away from zero)."""
+    # one long row, so that gguf-py vectorises over every block of the chunk at once
+    with np.errstate(all="ignore"):  # subnormal blocks: 1/d overflows, in C as here
+        raw = gguf_quants.quantize(np.ascontiguousarray(blocks).reshape(1, -1),
+                                   GGMLQuantizationType.Q8_0)
+    return raw.reshape(blocks.shape[0], -1)
 
 
 def _signed_levels(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """Shared part of quantize_row_q4_0_ref / q5_0_ref: d's fp16 bits and ``MIN(2*nmax-1,
     (int8_t)(x*id + nmax + 0.5f))`` as stored in a uint8."""
     with np.errstate(all="ignore"):
-        _, vmax = first_abs_max(blocks.T)
+        _, vmax = first_abs_max_finite(blocks.T)
         d = vmax / F32(-nmax)
         safe = np.where(d != 0, d, F32(1))
         inv = np.where(d != 0, F32(1) / safe, F32(0))

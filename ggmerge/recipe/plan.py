@@ -120,6 +120,8 @@ def plan_stage(st: Stage, inputs: Inputs, recipe: Recipe) -> StageInfo:
     out_rows = None
     if vocab is not None and row_maps is not None:
         out_rows = len(next(iter(row_maps.values())))
+        if st.pad_to_multiple_of:  # padding rows get each model's mean row (remap_rows), like mergekit
+            out_rows = -(-out_rows // st.pad_to_multiple_of) * st.pad_to_multiple_of
 
     if st.slices is None:
         _plan_models_form(st, inputs, info, anchor, out_rows)
@@ -296,8 +298,11 @@ def _plan_vocab(st: Stage, inputs: Inputs, config: dict):
             raise GGMergeError(f"tokenizer_source '{src}' needs a tokenizer, but this model has none",
                                path=inputs.where(r))
         vocabs.append(v)
+    # tokens past an input's embedding rows have no row: drop them, as mergekit does
+    n_rows = [inputs.shape(r, "model.embed_tokens.weight")[0] if "model.embed_tokens.weight" in inputs.names(r)
+              else None for r in refs]
     if src == "union":
-        merged, maps = union_mod.union_vocab(vocabs, base=refs.index(anchor))
+        merged, maps = union_mod.union_vocab(vocabs, base=refs.index(anchor), n_rows=n_rows)
     else:
         donor = anchor if src == "base" else src
         if donor not in refs:
@@ -305,15 +310,5 @@ def _plan_vocab(st: Stage, inputs: Inputs, config: dict):
                 raise GGMergeError(f"tokenizer_source '{donor}' is not one of this stage's models",
                                    path=inputs.recipe.path, key="tokenizer_source")
         dv = inputs.vocab(donor)
-        merged, maps = union_mod.vocab_from_donor(dv, vocabs)
-    if st.pad_to_multiple_of:
-        maps = [_pad_map(m, st.pad_to_multiple_of) for m in maps]
+        merged, maps = union_mod.vocab_from_donor(dv, vocabs, n_rows=n_rows)
     return merged, dict(zip(refs, maps))
-
-
-def _pad_map(m: np.ndarray, multiple: int) -> np.ndarray:
-    n = len(m)
-    target = -(-n // multiple) * multiple
-    if target == n:
-        return m
-    return np.concatenate([m, np.full(target - n, -1, dtype=m.dtype)])

@@ -406,10 +406,19 @@ def _check_method_inputs(stage: Stage, ctx: _Ctx, doc: Node) -> None:
     m = stage.method
     if m.requires_base and stage.base is None and not (stage.slices and all(s.base for s in stage.slices)):
         raise ctx.err(f"merge_method '{m.name}' needs a 'base_model'", doc, "merge_method")
-    others = [x for x in stage.models if x.ref != stage.base] if stage.slices is None else None
-    if others is not None and len(others) < m.min_models:
-        raise ctx.err(f"merge_method '{m.name}' needs at least {m.min_models} model(s) besides the base, "
-                      f"got {len(others)}", doc, "models")
+    if stage.slices is not None:
+        return  # counted per slice at plan time
+    refs = [x.ref for x in stage.models]
+    if m.base_is_model:  # linear/passthrough: the base is one more input
+        n = len(refs) + (1 if stage.base is not None and stage.base not in refs else 0)
+        has_base = False
+    else:
+        n = len([r for r in refs if r != stage.base])
+        has_base = stage.base is not None
+    try:
+        m.check_counts(has_base, n)
+    except GGMergeError as exc:
+        raise ctx.err(exc.message, doc, "models") from None
 
 
 def _toposort(order: list[Stage], by_name: dict, output: Stage, ctx: _Ctx) -> list[Stage]:

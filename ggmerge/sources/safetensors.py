@@ -199,6 +199,10 @@ class SafetensorsSource:
             t = self._handle(shard).get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise GGMergeError(f"cannot read tensor: {exc}", path=shard, tensor=name) from None
+        if t.dtype == torch.float32:
+            # safetensors hands out F32 tensors as views of its (copy-on-write) memory map, shared by
+            # every later get_tensor of the same name: copy, so in-place math cannot leak between loads
+            return t.contiguous().clone()
         return t.to(torch.float32).contiguous()
 
     def config(self) -> dict:

@@ -10,7 +10,6 @@ CONTROL=3, USER_DEFINED=4, UNUSED=5, BYTE=6), so types pass through unchanged.
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Sequence
 
@@ -18,8 +17,6 @@ import gguf
 
 from ..errors import GGMergeError
 from .vocab import Vocab
-
-log = logging.getLogger(__name__)
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (int(t) for t in (
     gguf.TokenType.NORMAL, gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL,
