@@ -112,10 +112,8 @@ def _encode(t: OutTensor, path) -> np.ndarray:
     try:
         if t.raw is not None:
             return np.ascontiguousarray(t.raw())
-        arr = t.load()
-        if isinstance(arr, np.ndarray) is False:  # a torch tensor slipped through
-            arr = arr.detach().cpu().numpy()
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        # np.asarray also accepts a CPU torch tensor (a loader that forgot .numpy())
+        arr = np.ascontiguousarray(np.asarray(t.load()), dtype=np.float32)
         if arr.shape != tuple(t.shape):
             raise GGMergeError(f"loaded shape {arr.shape} differs from the planned {tuple(t.shape)}",
                                path=path, tensor=t.name)

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -28,6 +29,11 @@ import numpy as np
 
 from ggmerge.arch import llama
 from ggmerge.errors import GGMergeError, did_you_mean
+from ggmerge.sources import open_source
+from ggmerge.tokenizer.gguf_vocab import padded
+from ggmerge.tokenizer.gguf_vocab import write_gguf as write_vocab
+from ggmerge.tokenizer.hf_vocab import read_hf
+from ggmerge.tokenizer.templates import choose_template
 
 from .gguf_out import OutTensor, encoded_nbytes, write_gguf
 from .hparams import ARCH, LlamaHparams
@@ -49,7 +55,10 @@ OUTTYPES: dict[str, tuple[Q, F]] = {
 #: gguf name → type / (type, reason) such as convert.quants.policy.choose_types returns
 Policy = str | Callable[[str, tuple[int, ...]], Q] | Mapping[str, object]
 
-_BLOCK_ORDER = {g.split(".", 2)[2]: k for k, (_, g) in enumerate(llama._TABLE) if g.startswith("blk.")}
+#: order of the tensors inside one block in our files (llama.cpp looks tensors up by name; this is
+#: only for people reading a tensor listing)
+_BLOCK_ORDER = {f"{n}.weight": k for k, n in enumerate((
+    "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"))}
 
 
 def parse_outtype(outtype: str) -> tuple[Q, F]:
@@ -136,6 +145,64 @@ def file_type_of(types: list[Q]) -> F:
         return F.GUESSED
 
 
+@dataclass
+class _Layout:
+    """A source checked against its config: hyper-parameters, embedding rows and the tensors to
+    write as (hf name or None for derived ones, gguf name, numpy shape), in file order."""
+
+    hp: LlamaHparams
+    n_rows: int
+    tensors: list[tuple[str | None, str, tuple[int, ...]]]
+
+
+def _layout(source, config: dict) -> _Layout:
+    where = getattr(source, "path", None)
+    hp = LlamaHparams.from_config(config, path=where)
+    names = list(source.names())
+    if "model.embed_tokens.weight" not in names:
+        raise GGMergeError("no embedding tensor", path=where, tensor="model.embed_tokens.weight")
+    n_rows = int(source.shape("model.embed_tokens.weight")[0])
+    if n_rows != hp.n_vocab:
+        log.warning("%s: config vocab_size %d differs from the embedding's %d rows; using %d",
+                    where, hp.n_vocab, n_rows, n_rows)
+        hp.n_vocab = n_rows
+    expected = _expected_shapes(hp, n_rows)
+    if "lm_head.weight" not in names and not hp.tie_embeddings:
+        raise GGMergeError("no lm_head.weight and tie_word_embeddings is false", path=where,
+                           tensor="lm_head.weight")
+    missing = [n for n in expected if n not in names and n != "lm_head.weight"]
+    if missing:
+        raise GGMergeError(f"missing {len(missing)} tensor(s) the llama architecture needs", path=where,
+                           tensor=missing[0])
+    tensors: list[tuple[str | None, str, tuple[int, ...]]] = []
+    for hf in names:
+        if any(rx.match(hf) for rx in llama.IGNORED):
+            continue
+        gname = llama.hf_to_gguf(hf)
+        if gname is None or hf not in expected:
+            raise GGMergeError("tensor is not part of the llama architecture (unsupported layout?)"
+                               f"{did_you_mean(hf, expected)}", path=where, tensor=hf)
+        shape = tuple(int(d) for d in source.shape(hf))
+        if shape != expected[hf]:
+            raise GGMergeError(f"shape {shape} does not match the config (expected {expected[hf]})",
+                               path=where, tensor=hf)
+        tensors.append((hf, gname, shape))
+    if hp.rope_freqs() is not None:
+        tensors.append((None, "rope_freqs.weight", (hp.head_dim // 2,)))
+    tensors.sort(key=lambda t: _sort_key(t[1]))
+    return _Layout(hp, n_rows, tensors)
+
+
+def planned_tensors(source, config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(GGUF name, numpy shape) of every tensor :func:`plan_gguf` would write, in file order.
+
+    For type policies that need the whole list first (llama.cpp's mixtures count attn_v/ffn_down
+    layers): ``types = choose_types(..., planned_tensors(src, cfg), ...)`` then
+    ``plan_gguf(src, vocab, cfg, types, file_type=...)``.
+    """
+    return [(g, shape) for _, g, shape in _layout(source, config).tensors]
+
+
 def plan_gguf(
     source,
     vocab,
@@ -149,44 +216,25 @@ def plan_gguf(
 
     ``vocab`` is written as the tokenizer (its ``chat_template`` included), padded with ``[PAD{id}]``
     entries up to the embedding's row count. ``outtype_policy`` is an outtype name ('f32', 'f16',
-    'bf16', 'q8_0'), a mapping gguf name → type (or (type, reason)), or a callable
-    ``(gguf_name, shape) -> type``; 1-D tensors are F32 whatever it says. ``file_type`` overrides the
-    ``general.file_type`` otherwise derived from the policy.
+    'bf16', 'q8_0'), a mapping gguf name → type (or (type, reason), e.g. policy ``Choice``s), or a
+    callable ``(gguf_name, shape) -> type``; 1-D tensors are F32 whatever it says. ``file_type``
+    sets ``general.file_type`` (default: the outtype's, or the commonest weight type's).
     """
     where = getattr(source, "path", None)
-    hp = LlamaHparams.from_config(config, path=where)
-    names = list(source.names())
-    if "model.embed_tokens.weight" not in names:
-        raise GGMergeError("no embedding tensor", path=where, tensor="model.embed_tokens.weight")
-    n_rows = int(source.shape("model.embed_tokens.weight")[0])
-    if n_rows != hp.n_vocab:
-        log.warning("%s: config vocab_size %d differs from the embedding's %d rows; using %d",
-                    where, hp.n_vocab, n_rows, n_rows)
-        hp.n_vocab = n_rows
-    expected = _expected_shapes(hp, n_rows)
-    has_head = "lm_head.weight" in names
-    if not has_head and not hp.tie_embeddings:
-        raise GGMergeError("no lm_head.weight and tie_word_embeddings is false", path=where,
-                           tensor="lm_head.weight")
-    missing = [n for n in expected if n not in names and n != "lm_head.weight"]
-    if missing:
-        raise GGMergeError(f"missing {len(missing)} tensor(s) the llama architecture needs", path=where,
-                           tensor=missing[0])
+    layout = _layout(source, config)
+    hp, n_rows = layout.hp, layout.n_rows
+    # vocabulary problems surface now, not after the output file is opened
+    try:
+        padded(vocab, n_rows)
+    except GGMergeError as exc:
+        exc.path = exc.path or where
+        raise
 
     choose = _type_chooser(outtype_policy)
+    heads = {"num_attention_heads": hp.n_head, "num_key_value_heads": hp.n_head_kv}
     jobs: list[OutTensor] = []
     weight_types: list[Q] = []
-    for hf in names:
-        if any(rx.match(hf) for rx in llama.IGNORED):
-            continue
-        gname = llama.hf_to_gguf(hf)
-        if gname is None or hf not in expected:
-            raise GGMergeError("tensor is not part of the llama architecture (unsupported layout?)"
-                               f"{did_you_mean(hf, expected)}", path=where, tensor=hf)
-        shape = tuple(int(d) for d in source.shape(hf))
-        if shape != expected[hf]:
-            raise GGMergeError(f"shape {shape} does not match the config (expected {expected[hf]})",
-                               path=where, tensor=hf)
+    for hf, gname, shape in layout.tensors:
         if len(shape) == 1:
             qtype, reason = Q.F32, None
         else:
@@ -197,38 +245,23 @@ def plan_gguf(
         try:
             encoded_nbytes(shape, qtype)
         except ValueError as exc:
-            raise GGMergeError(f"cannot store as {qtype.name}: {exc}", path=where, tensor=hf) from None
-        n_head = llama.heads_for_permute(hf, {"num_attention_heads": hp.n_head,
-                                              "num_key_value_heads": hp.n_head_kv})
-        jobs.append(OutTensor(gname, shape, qtype, _loader(source, hf, n_head)))
-
-    factors = hp.rope_freqs()
-    if factors is not None:
-        jobs.append(OutTensor("rope_freqs.weight", factors.shape, Q.F32, lambda f=factors: f))
-    jobs.sort(key=lambda t: _sort_key(t.name))
+            raise GGMergeError(f"cannot store as {qtype.name}: {exc}", path=where, tensor=hf or gname) from None
+        if hf is None:  # rope_freqs: derived from the config
+            jobs.append(OutTensor(gname, shape, qtype, hp.rope_freqs))
+        else:
+            jobs.append(OutTensor(gname, shape, qtype, _loader(source, hf, llama.heads_for_permute(hf, heads))))
 
     if file_type is None:
         file_type = parse_outtype(outtype_policy)[1] if isinstance(outtype_policy, str) else file_type_of(weight_types)
 
     def metadata(writer: gguf.GGUFWriter) -> None:
-        from ggmerge.tokenizer.gguf_vocab import write_gguf as write_vocab
-
         hp.write(writer, name=name, file_type=file_type)
         try:
             write_vocab(writer, vocab, n_rows)
         except GGMergeError as exc:
-            if exc.path is None:
-                exc.path = where
+            exc.path = exc.path or where
             raise
 
-    # vocabulary problems must surface at plan time too, not after the file is opened
-    from ggmerge.tokenizer.gguf_vocab import padded
-
-    try:
-        padded(vocab, n_rows)
-    except GGMergeError as exc:
-        exc.path = exc.path or where
-        raise
     return metadata, jobs
 
 
@@ -255,9 +288,6 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str =
 
     ``chat_template`` is 'vicuna', a template file, or None to keep the model's own template.
     """
-    from ggmerge.sources import open_source
-    from ggmerge.tokenizer.templates import choose_template
-
     hf_dir = Path(hf_dir)
     parse_outtype(outtype)
     out = default_output(hf_dir, Path(out), outtype)
@@ -268,7 +298,7 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str =
         if tok_dir is None:
             raise GGMergeError("no tokenizer files (tokenizer.model or tokenizer.json); llama.cpp needs "
                                "the vocabulary inside the GGUF", path=hf_dir)
-        vocab = read_vocab(tok_dir)
+        vocab = read_hf(tok_dir)
         vocab.chat_template = choose_template(chat_template, vocab.chat_template)
         name = hf_dir.resolve().name
         metadata, tensors = plan_gguf(source, vocab, config, outtype, name=name)
@@ -276,10 +306,3 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str =
     finally:
         source.close()
     return out
-
-
-def read_vocab(folder: Path):
-    """The HF tokenizer folder as a Vocab (helper-E's reader)."""
-    from ggmerge.tokenizer.hf_vocab import read_hf
-
-    return read_hf(folder)

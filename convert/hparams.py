@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 ARCH = "llama"
 #: HF ``architectures`` entries written as GGUF ``llama``
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-#: HF config key holding the HF rope parameters we cannot express as llama.cpp KVs (llama3)
+#: our GGUF KV holding HF RoPE parameters llama.cpp has no KVs for (llama3: it gets rope_freqs
+#: instead); llama.cpp ignores unknown keys, and GGUF → HF reads it back
 HF_ROPE_KEY = "ggmerge.hf_rope_parameters"
 
 

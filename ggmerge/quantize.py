@@ -56,15 +56,33 @@ def quantize(type: str, input: str | None = None, output: str | None = None, *, 
     if out.resolve() == src.resolve():
         raise GGMergeError("the output would overwrite the input; name another output with -o", path=out)
     if out.exists() and not force:
-        raise GGMergeError("output already exists (use --force to replace it)", path=out)
+        if _up_to_date(out, src, ft):
+            log.info("%s is up to date (newer than %s, same file type); use --force to redo it", out, src)
+            return out
+        raise GGMergeError("output already exists and is older than its input, or of another type "
+                           "(use --force to replace it)", path=out)
 
     arch, metadata, tensors, close = (_plan_hf if src.is_dir() else _plan_gguf)(src, ft)
     try:
         write_gguf(out, arch, metadata, tensors, description=f"Quantizing {src.name} to {ft.name}")
     finally:
         close()
-    log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
     return out
+
+
+def _up_to_date(out: Path, src: Path, ft) -> bool:
+    """Like make: the output exists, is newer than every file of its input, and has the asked type.
+    (A hash inside the GGUF would make our files differ from llama-quantize's byte for byte.)"""
+    import gguf
+
+    try:
+        newest = max(f.stat().st_mtime_ns for f in ([src] if src.is_file() else src.iterdir()) if f.is_file())
+        if out.stat().st_mtime_ns <= newest:
+            return False
+        f = gguf.GGUFReader(out, "r").get_field("general.file_type")
+        return f is not None and int(f.contents()) == int(ft.ftype)
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 # --- where input and output are ------------------------------------------------------------------
@@ -175,6 +193,11 @@ def _plan_gguf(path: Path, ft: FileType):
                     "quantizing the BF16/F16 original (llama-quantize needs --allow-requantize "
                     "for this)", path.name, ", ".join(requant))
 
+    for qt in {by_name[n].tensor_type for n, c in choices.items() if c.qtype != by_name[n].tensor_type}:
+        if not _decodable(qt):
+            bad = next(n for n, c in choices.items() if by_name[n].tensor_type == qt and c.qtype != qt)
+            raise GGMergeError(f"cannot decode tensor type {qt.name} to requantize it", path=path, tensor=bad)
+
     tensors = []
     for name in llama_order(by_name):
         t, c = by_name[name], choices[name]
@@ -202,6 +225,17 @@ def _open_reader(path: Path) -> gguf.GGUFReader:
         return gguf.GGUFReader(path, "r")
     except (ValueError, OSError, IndexError, KeyError, TypeError) as exc:
         raise GGMergeError(f"not a readable GGUF file ({type(exc).__name__}: {exc})", path=path) from None
+
+
+def _decodable(qtype: _T) -> bool:
+    """Whether gguf-py can dequantize ``qtype`` (tried on one zero block: it has no public table)."""
+    if qtype in _FLOAT_TYPES:
+        return True
+    try:
+        gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
+    except Exception:  # noqa: BLE001 - NotImplementedError, or a codec that cannot run here
+        return False
+    return True
 
 
 def _loader(t, shape: tuple[int, ...], path: Path) -> Callable[[], np.ndarray]:
@@ -252,13 +286,14 @@ def _plan_hf(folder: Path, ft: FileType):
 
 
 def _plan_source(source, folder: Path, ft: FileType):
-    from .convert.hf_to_gguf import plan_gguf, read_vocab
+    from .convert.hf_to_gguf import plan_gguf
+    from .tokenizer.hf_vocab import read_hf
 
     tdir = source.tokenizer_dir()
     if tdir is None:
         raise GGMergeError("no tokenizer files (tokenizer.model or tokenizer.json); llama.cpp "
                            "needs the vocabulary inside the GGUF", path=folder)
-    base_meta, planned = plan_gguf(source, read_vocab(tdir), source.config(), "bf16",
+    base_meta, planned = plan_gguf(source, read_hf(tdir), source.config(), "bf16",
                                    name=folder.resolve().name)
 
     probe = gguf.GGUFWriter(None, "llama")

@@ -94,7 +94,9 @@ class Evaluator:
         if name == "lm_head.weight" and name not in src.names():
             real = "model.embed_tokens.weight"  # tied embeddings
         t = src.load(real)
-        if not torch.isfinite(t).all():
+        # one reduction pass, no bool temporary: NaN propagates through min/max, ±inf shows as itself
+        lo, hi = torch.aminmax(t) if t.numel() else (torch.zeros(()), torch.zeros(()))
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
             raise GGMergeError("tensor contains NaN or infinity", path=src.path, tensor=real)
         return t
 

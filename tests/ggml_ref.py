@@ -4,10 +4,12 @@ llama-cpp-python bundles ``libggml-base`` (the library holding ggml's reference 
 ``quantize_row_*_ref``, and the type traits). Tests call it directly so that our codecs are compared
 with the bytes llama.cpp itself writes, not with our own reading of its source.
 
-    from tests.ggml_ref import ref_quantize, ref_dequantize
-    raw = ref_quantize(x, GGMLQuantizationType.Q4_K)   # bytes of ggml_quantize_chunk(imatrix=NULL)
+    pytest.importorskip("llama_cpp")
+    import ggml_ref            # tests/ is on sys.path under pytest (rootdir-relative imports)
+    raw = ggml_ref.ref_quantize(x, GGMLQuantizationType.Q4_K)  # ggml_quantize_chunk(imatrix=NULL)
+    back = ggml_ref.ref_dequantize(raw, GGMLQuantizationType.Q4_K)  # the type's to_float
 
-Import this module only after ``pytest.importorskip("llama_cpp")`` (it raises ImportError otherwise).
+Importing it without llama-cpp-python installed raises ImportError.
 """
 from __future__ import annotations
 

@@ -235,7 +235,10 @@ def make_tiny_mistral(
             if (base / f).is_file():
                 shutil.copyfile(base / f, folder / f)
         if chat_template is not None:
-            write_tokenizer_dir(folder, folder / "tokenizer.model", chat_template=chat_template)
+            cfg_path = folder / "tokenizer_config.json"
+            tok_cfg = json.loads(cfg_path.read_text())
+            tok_cfg["chat_template"] = chat_template
+            cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
     else:
         config = MistralConfig(
             vocab_size=vocab,

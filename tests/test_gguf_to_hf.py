@@ -56,6 +56,13 @@ def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
+def smol_src():
+    src = GGUFSource(smollm2_path())
+    yield src
+    src.close()
+
+
+@pytest.fixture(scope="module")
 def smol_f32_hf(tmp_path_factory):
     return convert_gguf(smollm2_path(), tmp_path_factory.mktemp("smol") / "hf-f32", dtype="f32", progress=False)
 
@@ -87,7 +94,7 @@ def smol_f32_gguf(tmp_path_factory):
     return out
 
 
-def test_folder_layout_and_config(smol_f32_hf):
+def test_folder_layout_and_config(smol_f32_hf, smol_src):
     names = sorted(p.name for p in smol_f32_hf.iterdir())
     assert "config.json" in names and "generation_config.json" in names and "tokenizer.json" in names
     assert "model.safetensors" in names and "model.safetensors.index.json" not in names
@@ -98,12 +105,10 @@ def test_folder_layout_and_config(smol_f32_hf):
     assert cfg["torch_dtype"] == "float32"
     gen = json.loads((smol_f32_hf / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
-    src = GGUFSource(smollm2_path())
     with safe_open(str(smol_f32_hf / "model.safetensors"), framework="pt") as f:
-        assert sorted(f.keys()) == sorted(src.names())
+        assert sorted(f.keys()) == sorted(smol_src.names())
         for name in ("model.layers.4.self_attn.k_proj.weight", "model.embed_tokens.weight"):
-            assert torch.equal(f.get_tensor(name), src.load(name))  # f32 output keeps values exactly
-    src.close()
+            assert torch.equal(f.get_tensor(name), smol_src.load(name))  # f32 output keeps values exactly
 
 
 def test_tokenizer_encodes_like_llama_cpp(smol_f32_hf):
@@ -156,20 +161,19 @@ def test_logits_match_llama_cpp(smol_f32_hf, smol_f32_gguf):
 
 
 @pytest.mark.slow
-def test_bf16_sharded_conversion(tmp_path, smol_f32_hf):
+def test_bf16_sharded_conversion(tmp_path, smol_f32_hf, smol_src):
     from transformers import AutoModelForCausalLM
 
     out = convert_gguf(smollm2_path(), tmp_path / "hf-bf16", max_shard_bytes=100e6, progress=False)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) == 3 and (out / "tokenizer.json").is_file()
-    src = GGUFSource(smollm2_path())
+    src = smol_src
     assert index["metadata"]["total_size"] == sum(2 * torch.Size(src.shape(n)).numel() for n in src.names())
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
         with safe_open(str(out / index["weight_map"][name]), framework="pt") as f:
             t = f.get_tensor(name)
         assert t.dtype == torch.bfloat16 and torch.equal(t.float(), round_trip(src.load(name), torch.bfloat16))
-    src.close()
     ids = [1, 504, 3575, 282, 4649, 314, 7042, 30]
     with torch.no_grad():
         bf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(torch.tensor([ids])).logits[0]

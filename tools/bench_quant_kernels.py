@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     print(f"one 4096 x 4096 tensor (measured on {args.rows} rows), best of {args.repeat}; "
           f"seconds, wall / cpu; {os.cpu_count()} CPUs, {args.threads} threads")
     many = f"ours {args.threads} threads"
-    head = f"{'type':6} {'libggml 1 thread':>17} {'ours 1 thread':>15} {'cpu x':>6} {many:>16} {'wall x':>6}  bytes"
+    head = (f"{'type':6} {'libggml 1 thread':>17} {'ours 1 thread':>15} {'cpu x':>6} "
+            f"{many:>16} {'wall x':>6}  bytes")
     print(head)
     print("-" * len(head))
     for name in args.types.split(","):

@@ -202,6 +202,7 @@ def main(argv=None) -> None:
                 f"vocab {s.vocab})")
     print(f"input: {src} ({src.stat().st_size / 1e6:.0f} MB)", flush=True)
 
+    load_before = os.getloadavg()[0]
     rows = []
     for qtype in args.types.split(","):
         outs = {}
@@ -235,7 +236,9 @@ def main(argv=None) -> None:
         f"llama-cpp-python {llama_cpp.__version__}, nthread={args.threads}, no imatrix.\n\n"
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, numpy {np.__version__}; "
-        f"{time.strftime('%Y-%m-%d')}.\n\n{table}\n")
+        f"{time.strftime('%Y-%m-%d')}; 1-minute load average {load_before:.1f} before and "
+        f"{os.getloadavg()[0]:.1f} after (other work on the machine inflates wall times; CPU "
+        f"times are the steadier figure).\n\n{table}\n")
     if not args.no_write:
         write_section(ROOT / "BENCHMARKS.md", body)
         print(f"\nwrote the Quantize section of {ROOT / 'BENCHMARKS.md'}")

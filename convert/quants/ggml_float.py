@@ -35,11 +35,6 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
     return r
 
 
-def nearest_int_f(v: np.ndarray) -> np.ndarray:
-    """:func:`nearest_int` returned as float32 (for further float arithmetic)."""
-    return nearest_int(v).astype(F32)
-
-
 def fp16_bits(v: np.ndarray) -> np.ndarray:
     """uint16 bits of ``GGML_FP32_TO_FP16`` (ggml_compute_fp32_to_fp16 in ggml-impl.h)."""
     v = np.asarray(v, dtype=F32)
@@ -93,13 +88,3 @@ def c_int_trunc(v: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         t = np.trunc(np.where(ok, v, F32(0))).astype(np.int64)
     return np.where(ok, t, np.int64(-2147483648))
-
-
-def c_to_int8(v: np.ndarray) -> np.ndarray:
-    """Conversion of an int to ``int8_t`` (two's-complement wrap), as int64."""
-    return ((np.asarray(v, dtype=np.int64) + 128) & 0xFF) - 128
-
-
-def c_to_uint8(v: np.ndarray) -> np.ndarray:
-    """Conversion of an int to ``uint8_t`` (wrap modulo 256), as int64."""
-    return np.asarray(v, dtype=np.int64) & 0xFF

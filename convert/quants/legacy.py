@@ -25,6 +25,7 @@ from .kquants import first_abs_max_finite
 
 
 def quantize_f32(blocks: np.ndarray) -> np.ndarray:
+    """F32: the bytes as they are (ggml_quantize_chunk memcpy's them)."""
     return np.ascontiguousarray(blocks, dtype=F32).view(np.uint8)
 
 

@@ -160,12 +160,12 @@ def _rule(name: str, cat: str, ncols: int, ft: FileType, hp: Hparams, c: _Counte
     falcon = hp.arch == "falcon"
 
     if cat == "output" or (tied and cat == "token_embd"):
-        what = "output.weight" if cat == "output" else "token_embd.weight (tied to the output)"
+        what = "the output projection" if cat == "output" else "the embedding, tied to the output,"
         if falcon or ncols % block_size(t) != 0:
-            return T.Q8_0, (f"{what}: {ncols} columns are not a multiple of {t.name}'s block "
-                            f"{block_size(t)}, llama.cpp uses Q8_0"), not falcon
+            return T.Q8_0, (f"{ncols} columns are not a multiple of {t.name}'s block "
+                            f"{block_size(t)}: llama.cpp stores {what} as Q8_0"), not falcon
         if t != T.Q8_0:
-            return T.Q6_K, f"{what}: llama.cpp keeps the output projection at Q6_K", False
+            return T.Q6_K, f"llama.cpp stores {what} as Q6_K", False
         return t, None, False
 
     if cat == "token_embd":

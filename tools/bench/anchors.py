@@ -44,7 +44,9 @@ def ensure_mergekit(cache: Path = CACHE) -> Path:
         return bin_
     log.info("creating %s with %s", venv, " ".join(MERGEKIT_PINS))
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    subprocess.run([str(bin_ / "python"), "-m", "pip", "install", "-q", *MERGEKIT_PINS], check=True)
+    with open(cache / "pip-mergekit.log", "w") as pip_log:
+        subprocess.run([str(bin_ / "python"), "-m", "pip", "install", *MERGEKIT_PINS], check=True,
+                       stdout=pip_log, stderr=subprocess.STDOUT)
     # torch==2.13.0 must resolve to the local CPU wheel; a CUDA build would drag in nvidia-* (GBs)
     probe = subprocess.run(
         [str(bin_ / "python"), "-c",

@@ -10,7 +10,9 @@ interpreter can run it.
 
 Fields: ``wall`` s, ``cpu`` s (user+sys), ``user``, ``sys``, ``maxrss`` bytes, ``rchar``/``wchar``
 (bytes passed through read/write syscalls: page-cache hits count, memory-mapped reads do NOT),
-``read_bytes``/``write_bytes`` (bytes the storage layer read, and dirtied for writing), ``rc``.
+``read_bytes``/``write_bytes`` (bytes the storage layer read, and dirtied for writing), ``minflt``/``majflt``
+(page faults: many minor faults mean large temporaries allocated afresh), ``rss_anon``/``rss_file``
+(sampled peaks of anonymous and file-backed resident memory of the direct child), ``rc``.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 
 
@@ -31,6 +34,33 @@ def _io() -> dict[str, int]:
     return out
 
 
+class RssSampler(threading.Thread):
+    """Peaks of RssAnon and RssFile of the child, polled from /proc/PID/status every 50 ms.
+
+    ru_maxrss counts file pages mapped into the process too: a tool that memory-maps its inputs shows
+    them in its peak RSS although the kernel can drop them at any time. Anonymous memory (heap,
+    tensors) is what really has to fit, so both are recorded."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.anon, self.file = pid, 0, 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        path = f"/proc/{self.pid}/status"
+        while not self.stop.is_set():
+            try:
+                with open(path) as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            self.anon = max(self.anon, int(line.split()[1]) * 1024)
+                        elif line.startswith("RssFile:"):
+                            self.file = max(self.file, int(line.split()[1]) * 1024)
+            except (OSError, ValueError):
+                pass
+            self.stop.wait(0.05)
+
+
 def main() -> int:
     if len(sys.argv) < 5 or sys.argv[3] != "--":
         print(__doc__, file=sys.stderr)
@@ -40,8 +70,13 @@ def main() -> int:
         io0 = _io()
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        sampler = RssSampler(child.pid)
+        sampler.start()
+        rc = child.wait()
         wall = time.perf_counter() - t0
+        sampler.stop.set()
+        sampler.join()
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         io1 = _io()
     user, sys_ = ru.ru_utime - ru0.ru_utime, ru.ru_stime - ru0.ru_stime
@@ -49,6 +84,8 @@ def main() -> int:
         "wall": wall, "cpu": user + sys_, "user": user, "sys": sys_,
         "maxrss": ru.ru_maxrss * 1024,  # Linux reports KiB
         **{k: io1[k] - io0[k] for k in ("rchar", "wchar", "read_bytes", "write_bytes")},
+        "rss_anon": sampler.anon, "rss_file": sampler.file,
+        "minflt": ru.ru_minflt - ru0.ru_minflt, "majflt": ru.ru_majflt - ru0.ru_majflt,
         "rc": rc, "cmd": cmd,
     }
     with open(out_json, "w") as f:

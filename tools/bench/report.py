@@ -44,6 +44,12 @@ def _bytes(x) -> str:
     return f"{x:.0f} B"
 
 
+def _count(x) -> str:
+    if x is None:
+        return "—"
+    return f"{x / 1e6:.1f}M" if x >= 1e6 else f"{x / 1e3:.0f}k"
+
+
 def _ratio(a, b) -> float | None:
     if a is None or b is None or b == 0:
         return None
@@ -73,18 +79,21 @@ def rows(results: dict) -> list[list[str]]:
             if m is None:
                 err = (t.get("error") or "failed").strip().splitlines()
                 out.append([PASS_TITLE.get(name, name), label, "FAILED", err[-1][:90] if err else "", "", "", "", "",
-                            "", ""])
+                            "", "", ""])
                 continue
             vs = _fmt_ratio(_ratio(m["wall"], a["wall"])) if (tool == "ggmerge" and a) else ""
-            vs_rss = _fmt_ratio(_ratio(m["maxrss"], a["maxrss"])) if (tool == "ggmerge" and a) else ""
+            vs_rss = (f'{_fmt_ratio(_ratio(m["maxrss"], a["maxrss"]))} '
+                      f'({_fmt_ratio(_ratio(m.get("rss_anon"), a.get("rss_anon")))})') if (tool == "ggmerge" and a) else ""
             vs_floor = _fmt_ratio(_ratio(m["wall"], f["wall"])) if (tool != "floor" and f) else ""
-            out.append([PASS_TITLE.get(name, name), label, _sec(m["wall"]), _sec(m["cpu"]), _bytes(m["maxrss"]),
-                        f"{_bytes(m['rchar'])} / {_bytes(m['wchar'])}", vs, vs_rss, vs_floor, f"{m['load']:.1f}"])
+            out.append([PASS_TITLE.get(name, name), label, _sec(m["wall"]), _sec(m["cpu"]),
+                        f'{_bytes(m["maxrss"])} ({_bytes(m.get("rss_anon"))})',
+                        f"{_bytes(m['rchar'])} / {_bytes(m['wchar'])}", _count(m.get("minflt")), vs, vs_rss,
+                        vs_floor, f"{m['load']:.1f}"])
     return out
 
 
-HEAD = ["pass", "tool", "wall", "CPU", "peak RSS", "read / written", "wall vs anchor", "RSS vs anchor",
-        "wall vs floor", "load"]
+HEAD = ["pass", "tool", "wall", "CPU", "peak RSS (anon)", "read / written", "page faults", "wall vs anchor",
+        "RSS vs anchor (anon)", "wall vs floor", "load"]
 
 
 def print_table(results: dict) -> None:
@@ -175,8 +184,9 @@ def _block_merge(results: dict) -> str | None:
     sm = (pas.get("anchor") or {}).get("stage_median")
     if sm:
         parts.append("mergekit, per run (each writes its model to disk and the next reads it back):\n\n" + _md_table(
-            ["mergekit-yaml run", "wall", "CPU", "peak RSS", "read / written"],
-            [[n, _sec(m["wall"]), _sec(m["cpu"]), _bytes(m["maxrss"]), f"{_bytes(m['rchar'])} / {_bytes(m['wchar'])}"]
+            ["mergekit-yaml run", "wall", "CPU", "peak RSS (anon)", "read / written"],
+            [[n, _sec(m["wall"]), _sec(m["cpu"]), f'{_bytes(m["maxrss"])} ({_bytes(m.get("rss_anon"))})',
+              f"{_bytes(m['rchar'])} / {_bytes(m['wchar'])}"]
              for n, m in sm.items()]))
     io = pas.get("io", {})
     parts.append(f"Inputs: 8 models, {_bytes(io.get('in'))} of safetensors; output {_bytes(io.get('out'))}.")
