@@ -13,6 +13,8 @@ def convert(input: str, output: str, *, outtype: str = "bf16", chat_template: st
     from ..errors import GGMergeError
 
     src, dst = Path(input), Path(output)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise GGMergeError("the output would overwrite the input; name another output with -o", path=dst)
     if dst.exists() and not force:
         raise GGMergeError("output already exists (use --force to replace it)", path=dst)
     if src.suffix.lower() == ".gguf":

@@ -151,6 +151,13 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
         inputs_fp = {ref: fingerprint(path) for ref, path in p.leaf_paths.items()}
         inputs_hash = combined({ref: combined(fp) for ref, fp in inputs_fp.items()})
         record = out / RECORD
+        for ref, path in p.leaf_paths.items():
+            rp, ro = Path(path).resolve(), out.resolve()
+            if rp == ro or ro in rp.parents:
+                raise GGMergeError(f"the output folder would replace the recipe's input model '{ref}'", path=out)
+        if out.exists() and not force and not record.is_file():
+            raise GGMergeError("output already exists and is not a ggmerge build (use --force to replace it)",
+                               path=out)
         if not force and record.is_file():
             try:
                 prev = json.loads(record.read_text())

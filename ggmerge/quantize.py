@@ -56,11 +56,14 @@ def quantize(type: str, input: str | None = None, output: str | None = None, *, 
     if out.resolve() == src.resolve():
         raise GGMergeError("the output would overwrite the input; name another output with -o", path=out)
     if out.exists() and not force:
-        if _up_to_date(out, src, ft):
+        state = _freshness(out, src, ft)
+        if state == "fresh":
             log.info("%s is up to date (newer than %s, same file type); use --force to redo it", out, src)
             return out
-        raise GGMergeError("output already exists and is older than its input, or of another type "
-                           "(use --force to replace it)", path=out)
+        if state != "stale":
+            raise GGMergeError("output already exists and is not a GGUF of this type made from this input "
+                               "(use --force to replace it)", path=out)
+        log.info("%s is older than %s: quantizing again", out, src)
 
     arch, metadata, tensors, close = (_plan_hf if src.is_dir() else _plan_gguf)(src, ft)
     try:
@@ -70,19 +73,20 @@ def quantize(type: str, input: str | None = None, output: str | None = None, *, 
     return out
 
 
-def _up_to_date(out: Path, src: Path, ft) -> bool:
-    """Like make: the output exists, is newer than every file of its input, and has the asked type.
+def _freshness(out: Path, src: Path, ft) -> str:
+    """Like make: "fresh" if ``out`` is a GGUF of the asked type newer than every file of its input,
+    "stale" if it is one but older, "foreign" otherwise (never overwritten without --force).
     (A hash inside the GGUF would make our files differ from llama-quantize's byte for byte.)"""
     import gguf
 
     try:
-        newest = max(f.stat().st_mtime_ns for f in ([src] if src.is_file() else src.iterdir()) if f.is_file())
-        if out.stat().st_mtime_ns <= newest:
-            return False
         f = gguf.GGUFReader(out, "r").get_field("general.file_type")
-        return f is not None and int(f.contents()) == int(ft.ftype)
-    except (OSError, ValueError, KeyError):
-        return False
+        if f is None or int(f.contents()) != int(ft.ftype):
+            return "foreign"
+        newest = max(p.stat().st_mtime_ns for p in ([src] if src.is_file() else src.iterdir()) if p.is_file())
+    except (OSError, ValueError, KeyError, IndexError):
+        return "foreign"
+    return "fresh" if out.stat().st_mtime_ns > newest else "stale"
 
 
 # --- where input and output are ------------------------------------------------------------------

@@ -294,34 +294,12 @@ def load_hf_tokenizer(folder):
 
 
 def load_llama(path, *, n_ctx: int = 1024, logits_all: bool = True, f32_cache: bool = True, **kw):
-    """``llama_cpp.Llama`` for ``path`` set up for exact comparisons.
+    """``llama_cpp.Llama`` for ``path`` set up for exact comparisons: an F32 KV cache (the default F16
+    cache alone moves logits by ~1e-3 relative) and no AMX/repack buffers (they segfault on quantized
+    files on this CPU) — see :mod:`ggmerge.llamacpp`, which does both."""
+    from ggmerge.llamacpp import load
 
-    * ``type_k = type_v = 0`` (F32 KV cache): the default F16 cache alone moves logits by ~1e-3
-      relative (NOTES.md), which would hide conversion errors.
-    * ``use_extra_bufts = False``: on CPUs with AMX, llama.cpp repacks Q8_0 weights into its AMX
-      buffer type and ``decode`` then segfaults — with llama.cpp's *own* llama-quantize output too
-      (seen with llama-cpp-python 0.3.36 here) — so quantized files are loaded without repacking.
-      llama-cpp-python's ``Llama`` has no argument for it, so its default-params factory is wrapped
-      for the duration of the constructor.
-    """
-    import llama_cpp
-    import llama_cpp.llama as llama_mod
-
-    base = llama_mod.llama_cpp.llama_model_default_params
-
-    def params():
-        p = base()
-        p.use_extra_bufts = False
-        return p
-
-    if f32_cache:
-        kw.setdefault("type_k", 0)
-        kw.setdefault("type_v", 0)
-    llama_mod.llama_cpp.llama_model_default_params = params
-    try:
-        return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, **kw)
-    finally:
-        llama_mod.llama_cpp.llama_model_default_params = base
+    return load(path, n_ctx=n_ctx, logits_all=logits_all, f32_cache=f32_cache, **kw)
 
 
 def llama_logits(llm, ids: list[int]):

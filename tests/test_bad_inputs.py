@@ -549,7 +549,8 @@ def case_safetensors_unknown_dtype(env):
 def case_safetensors_negative_shape(env):
     m = env.variant("st-neg")
     B.rewrite_safetensors(m / "model.safetensors", lambda h: h["model.norm.weight"].update(shape=[-64]))
-    return env.build(DARE.replace("FT1", str(m)), message="shape",
+    # a corrupt header, not a model of another shape: the message must say so
+    return env.build(DARE.replace("FT1", str(m)), message="non-negative integers",
                      names=("st-neg", "tensor 'model.norm.weight'"))
 
 
@@ -781,6 +782,32 @@ def case_quantize_output_exists(env):
     out.write_bytes(b"precious")
     return Expect(["quantize", "q8_0", str(src), "-o", str(out)], message="output already exists",
                   names=("existing.Q8_0.gguf",), unchanged={out: b"precious"})
+
+
+@case
+def case_build_output_is_a_foreign_folder(env):
+    """``-o`` naming a folder that is not a ggmerge build (here: the user's notes) must not replace it."""
+    out = env.tmp / "my-notes"
+    out.mkdir()
+    (out / "notes.txt").write_text("years of work")
+    return Expect(["build", str(env.recipe(DARE)), "-o", str(out)], message="already exists",
+                  names=("my-notes",), unchanged={out / "notes.txt": b"years of work"})
+
+
+@case
+def case_build_output_is_its_input(env):
+    """``-o`` naming one of the recipe's own models: the merge would delete its input."""
+    m = env.variant("ft-copy")
+    weights = (m / "model.safetensors").read_bytes()
+    return Expect(["build", str(env.recipe(DARE.replace("FT1", str(m)))), "-o", str(m), "--force"],
+                  message="would replace the recipe's input", names=("ft-copy",), unchanged={m / "model.safetensors": weights})
+
+
+@case
+def case_convert_onto_its_input(env):
+    src = env.gguf()
+    return Expect(["convert", str(src), "-o", str(src), "--force"], message="overwrite the input",
+                  names=(src.name,), unchanged={src: src.read_bytes()})
 
 
 @case

@@ -26,26 +26,11 @@ TEXTS = [
 
 
 def llama_cpp_model(path, **kw):
-    """``llama_cpp.Llama`` with llama.cpp's extra CPU buffer types (AMX / repack) turned off.
+    """llama.cpp on its plain CPU kernels (see :mod:`ggmerge.llamacpp` for why)."""
+    from ggmerge.llamacpp import load
 
-    On this machine (AVX-512 + AMX) llama.cpp segfaults evaluating the SmolLM2 Q4_1 file with them on
-    (the AMX kernels cover Q4_1/Q8_0; SmolLM2's rows are 576 long, not a multiple of 256). With
-    ``use_extra_bufts = False`` it runs the generic CPU kernels, which is still llama.cpp's math.
-    """
-    import llama_cpp.llama as L
-
-    default = L.llama_cpp.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    L.llama_cpp.llama_model_default_params = params
-    try:
-        return llama_cpp.Llama(str(path), verbose=False, **kw)
-    finally:
-        L.llama_cpp.llama_model_default_params = default
+    kw.setdefault("f32_cache", False)
+    return load(path, **kw)
 
 
 def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:

@@ -196,5 +196,16 @@ def test_no_input_quantizes_the_latest_build(tiny_family, tmp_path, monkeypatch)
     out = quantize("q8_0")
     assert out.resolve() == (tmp_path / "out" / "tinymerge.Q8_0.gguf").resolve()
     assert len(greedy(out, "Hello", n=3)[0]) == 3
+    # a re-run with nothing changed is skipped (make-style: output newer than every input file)
+    stamp = out.stat().st_mtime_ns
+    assert quantize("Q8_0") == out and out.stat().st_mtime_ns == stamp
+    # a rebuilt input makes the old output stale: it is quantized again
+    import os
+
+    cfg = Path(built) / "config.json"
+    os.utime(cfg, ns=(stamp + 10**9, stamp + 10**9))
+    assert quantize("Q8_0") == out and out.stat().st_mtime_ns > stamp
+    # a file that is not ours (another type under this name) is never replaced without --force
+    other = quantize("Q4_0", output=str(tmp_path / "other.gguf"))
     with pytest.raises(GGMergeError, match="already exists"):
-        quantize("Q8_0")
+        quantize("Q8_0", output=str(other))

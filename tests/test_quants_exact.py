@@ -147,7 +147,6 @@ def test_seeded_random_mixtures(qtype):
     _assert_same(quantize(x, qtype), ggml_ref.ref_quantize(x, qtype), qtype.name)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
 def test_realistic_matrix(qtype):
     """A 128 x 4096 bf16-rounded weight matrix with a few outlier channels, as in real LLM layers."""

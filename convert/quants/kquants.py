@@ -25,9 +25,21 @@ def columns(blocks: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(blocks.reshape(-1, n).T)
 
 
-def uncolumns(cols: np.ndarray, n_blocks: int) -> np.ndarray:
-    """Inverse of :func:`columns`: (n, S) -> (B, 256 // n, n)."""
-    return cols.T.reshape(n_blocks, -1, cols.shape[0])
+def final_levels(x: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int,
+                 Lsearch: np.ndarray, offset: int = 0) -> np.ndarray:
+    """The last pass of every K-quant reference, over columns (n, S), returned as uint8 (B, 256).
+
+    Where the sub-block's quantized scale ``d`` is non-zero: ``MAX(lo, MIN(hi, nearest_int((x + dm)/d)))
+    + offset`` (``dm`` None: ``x/d``); where it is zero C skips the sub-block and keeps the levels
+    its search found (``Lsearch``, already offset).
+    """
+    d = d.reshape(-1)
+    v = (x + dm.reshape(-1)) / d if dm is not None else x / d
+    v = _levels(v, lo, hi, False)
+    if offset:
+        v += F32(offset)
+    L = np.where(d != 0, v, Lsearch).astype(np.uint8)
+    return L.T.reshape(-1, QK_K)
 
 
 def running_max(v: np.ndarray) -> np.ndarray:
@@ -267,13 +279,10 @@ def _qkx_superblock(blocks: np.ndarray, nmax: int, rmin: float, nstep: int):
         dmin_bits, dmin = fp16_round(max_min / F32(63))
         dj = d[:, None] * ls.astype(F32)
         dmj = dmin[:, None] * lm.astype(F32)
-        x3 = blocks.reshape(B, 8, 32)
-        v = (x3 + dmj[..., None]) / dj[..., None]
-        L = np.clip(nearest_int(v), 0, nmax)
-        L = np.where((dj != 0)[..., None], L, uncolumns(Lsearch, B).astype(np.int32))
+        L = final_levels(x, dj, dmj, 0, nmax, Lsearch)
     head = np.concatenate([d_bits[:, None].view(np.uint8), dmin_bits[:, None].view(np.uint8),
                            pack_scale_min_k4(ls, lm)], axis=1)
-    return head, L.reshape(B, QK_K).astype(np.uint8)
+    return head, L
 
 
 def quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
@@ -312,10 +321,8 @@ def quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
         sq = np.minimum(127, nearest_int(iscale[:, None] * scales))
         sq = ((sq + 128) & 0xFF) - 128  # stored in int8_t
         dj = d[:, None] * sq.astype(F32)
-        v = blocks.reshape(B, 16, 16) / dj[..., None]
-        L = np.clip(nearest_int(v), -32, 31) + 32
-        L = np.where((dj != 0)[..., None], L, uncolumns(Lsearch, B).astype(np.int32))
-    L = L.reshape(B, 2, 4, 32).astype(np.uint8)
+        L = final_levels(x, dj, None, -32, 31, Lsearch, offset=32)
+    L = L.reshape(B, 2, 4, 32)
     lo = L & 0xF
     ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
     hi = L >> 4

@@ -9,7 +9,7 @@ import numpy as np
 
 from .ggml_float import F32, fp16_round, nearest_int, seq_sum
 from .kquants import (GROUP_MAX_EPS, QK_K, _levels, columns, first_abs_max, first_abs_max_finite,
-                      make_qkx2_quants, running_max, uncolumns)
+                      final_levels, make_qkx2_quants, running_max)
 
 
 def _pack_2bit(L: np.ndarray) -> np.ndarray:
@@ -41,9 +41,7 @@ def quantize_q2_k(blocks: np.ndarray) -> np.ndarray:
 
         dj = d[:, None] * (sc & 0xF).astype(F32)
         dmj = dmin[:, None] * (sc >> 4).astype(F32)
-        v = (blocks.reshape(B, 16, 16) + dmj[..., None]) / dj[..., None]
-        L = np.clip(nearest_int(v), 0, 3)
-        L = np.where((dj != 0)[..., None], L, uncolumns(Lsearch, B).astype(np.int32))
+        L = final_levels(x, dj, dmj, 0, 3, Lsearch)
     return np.concatenate([sc.astype(np.uint8), _pack_2bit(L),
                            d_bits[:, None].view(np.uint8), dmin_bits[:, None].view(np.uint8)], axis=1)
 
@@ -132,10 +130,7 @@ def quantize_q3_k(blocks: np.ndarray) -> np.ndarray:
         l = np.where(has[:, None], l, 0)
         d_bits, d = fp16_round(np.where(has, F32(1) / iscale, F32(0)))
         dj = d[:, None] * (l - 32).astype(F32)
-        v = blocks.reshape(B, 16, 16) / dj[..., None]
-        L = np.clip(nearest_int(v), -4, 3) + 4
-        L = np.where((dj != 0)[..., None], L, uncolumns(Lsearch, B).astype(np.int32))
-    L = L.reshape(B, QK_K).astype(np.uint8)
+        L = final_levels(x, dj, None, -4, 3, Lsearch, offset=4)
     high = (L >> 2).reshape(B, 8, 32)
     hmask = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
     return np.concatenate([hmask.astype(np.uint8), _pack_2bit(L & 3), _pack_q3_scales(l),

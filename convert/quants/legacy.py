@@ -1,8 +1,8 @@
 """F32/F16/BF16 and the 32-element block types Q8_0, Q4_0, Q4_1, Q5_0, Q5_1.
 
-gguf-py's Q8_0 codec is byte-identical to ggml (checked against libggml in tests/test_quants_exact.py)
-and is used as it is. BF16 is a direct mirror of ggml_compute_fp32_to_bf16 (same bytes as gguf-py's,
-without its uint64 temporaries). The others are written here because gguf-py's bytes differ:
+gguf-py's Q8_0 and BF16 codecs are byte-identical to ggml (checked against libggml), but slow on big
+tensors (8 passes for roundf, uint64 temporaries); the mirrors here give the same bytes with fewer
+passes. The others are written here because gguf-py's bytes differ from ggml's:
 
 * Q4_0, Q5_0: for a block of zeros whose first element is ``-0.0`` gguf-py takes that element as the
   block's extreme and stores ``d = +0``; ggml starts from ``max = +0``, never replaces it (no
@@ -17,11 +17,8 @@ Input of every ``quantize_*`` here: float32 ``(n_blocks, block_size)``; output: 
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGMLQuantizationType
-from gguf import quants as gguf_quants
 
 from .ggml_float import F32, c_int_trunc, fp16_bits
-from .kquants import first_abs_max_finite
 
 
 def quantize_f32(blocks: np.ndarray) -> np.ndarray:
@@ -45,25 +42,57 @@ def quantize_bf16(blocks: np.ndarray) -> np.ndarray:
     return h.astype(np.uint16).view(np.uint8)
 
 
+_HALF_DOWN = np.nextafter(F32(0.5), F32(0))  # trunc(x + copysign(this, x)) == roundf(x), all floats
+
+
+def _to_small_int(v: np.ndarray, fast: bool) -> np.ndarray:
+    """C's float -> int8_t/uint8_t conversion (low byte of x86's cvttss2si), as int32 or int64.
+
+    ``fast``: the caller knows every value is finite and small (|v| < 2**31), where it is a plain
+    truncation toward zero.
+    """
+    return v.astype(np.int32) if fast else c_int_trunc(v)
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    """``d ? 1.0f/d : 0.0f``."""
+    return np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
+
+
 def quantize_q8_0(blocks: np.ndarray) -> np.ndarray:
-    """quantize_row_q8_0_ref, by gguf-py's codec (byte-identical; roundf half away from zero)."""
-    # one long row, so that gguf-py vectorises over every block of the chunk at once
-    with np.errstate(all="ignore"):  # subnormal blocks: 1/d overflows, in C as here
-        raw = gguf_quants.quantize(np.ascontiguousarray(blocks).reshape(1, -1),
-                                   GGMLQuantizationType.Q8_0)
-    return raw.reshape(blocks.shape[0], -1)
+    """quantize_row_q8_0_ref: d (fp16), 32 int8 ``roundf(x/d)``, d = amax/127.
+
+    Same bytes as gguf-py's codec (its ``np_roundf`` takes ~8 passes; this takes 3).
+    """
+    with np.errstate(all="ignore"):
+        amax = np.max(np.abs(blocks), axis=1)
+        d = amax / F32(127)
+        inv = _inverse(d)
+        x0 = blocks * inv[:, None]
+        r = np.trunc(x0 + np.copysign(_HALF_DOWN, x0))
+        # inv finite: |x0| <= 127; else (a subnormal block: 1/d overflows) C converts inf/NaN too
+        q = _to_small_int(r, bool(np.isfinite(inv).all()))
+    q = (q & 0xFF).astype(np.uint8)
+    return np.concatenate([fp16_bits(d)[:, None].view(np.uint8), q], axis=1)
+
+
+def _first_abs_max(blocks: np.ndarray) -> np.ndarray:
+    """max of ``if (amax < fabsf(v)) { amax = fabsf(v); max = v; }`` from 0: the first element of
+    largest magnitude, +0 for a block of zeros."""
+    idx = np.argmax(np.abs(blocks), axis=1)[:, None]
+    v = np.take_along_axis(blocks, idx, axis=1)[:, 0]
+    return np.where(v != 0, v, F32(0))
 
 
 def _signed_levels(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """Shared part of quantize_row_q4_0_ref / q5_0_ref: d's fp16 bits and ``MIN(2*nmax-1,
     (int8_t)(x*id + nmax + 0.5f))`` as stored in a uint8."""
     with np.errstate(all="ignore"):
-        _, vmax = first_abs_max_finite(blocks.T)
-        d = vmax / F32(-nmax)
-        safe = np.where(d != 0, d, F32(1))
-        inv = np.where(d != 0, F32(1) / safe, F32(0))
+        d = _first_abs_max(blocks) / F32(-nmax)
+        inv = _inverse(d)
         v = blocks * inv[:, None] + F32(nmax + 0.5)
-    q = c_int_trunc(v)
+        # inv finite: |x*id| <= nmax, v in [0.5, 2*nmax + 0.5]
+        q = _to_small_int(v, bool(np.isfinite(inv).all()))
     q = ((q + 128) & 0xFF) - 128  # (int8_t)
     q = np.minimum(2 * nmax - 1, q) & 0xFF  # MIN(...) stored in a uint8_t
     return fp16_bits(d), q.astype(np.uint8)
@@ -85,10 +114,15 @@ def quantize_q5_0(blocks: np.ndarray) -> np.ndarray:
 
 
 def _first_extreme(blocks: np.ndarray, pick) -> np.ndarray:
-    """The first element equal to the block's min/max, as C's strict ``<``/``>`` scan keeps it."""
+    """The block's min/max as C's strict ``<``/``>`` scan keeps it: the first of equal values, which
+    only shows for +0 vs -0."""
     m = pick(blocks, axis=1)
-    idx = np.argmax(blocks == m[:, None], axis=1)
-    return np.take_along_axis(blocks, idx[:, None], axis=1)[:, 0]
+    zero = m == 0
+    if zero.any():
+        z = blocks[zero]
+        idx = np.argmax(z == 0, axis=1)[:, None]
+        m[zero] = np.take_along_axis(z, idx, axis=1)[:, 0]
+    return m
 
 
 def _affine_levels(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,9 +132,11 @@ def _affine_levels(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarra
         mn = _first_extreme(blocks, np.min)
         mx = _first_extreme(blocks, np.max)
         d = (mx - mn) / F32(nmax)
-        inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
+        inv = _inverse(d)
         v = (blocks - mn[:, None]) * inv[:, None] + F32(0.5)
-    return fp16_bits(d), fp16_bits(mn), c_int_trunc(v)
+        # d and 1/d finite: 0 <= (x - min)*id <= nmax (1 + eps)
+        q = _to_small_int(v, bool(np.isfinite(inv).all() and np.isfinite(d).all()))
+    return fp16_bits(d), fp16_bits(mn), q
 
 
 def quantize_q4_1(blocks: np.ndarray) -> np.ndarray:
