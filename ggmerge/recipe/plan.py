@@ -80,12 +80,15 @@ class Inputs:
     def names(self, ref: str) -> list[str]:
         if self.is_stage(ref):
             return self.info(ref).tensor_names
-        src = self.sources[ref]
-        names = list(src.names())
-        cfg = src.config()
-        if "lm_head.weight" not in names and cfg.get("tie_word_embeddings") and "model.embed_tokens.weight" in names:
-            names.append("lm_head.weight")  # served from the tied embedding
-        return names
+        return list(self.sources[ref].names())
+
+    def has(self, ref: str, name: str) -> bool:
+        """``name`` can be read from ``ref``; a tied model serves lm_head from its embedding."""
+        names = set(self.names(ref))
+        if name in names:
+            return True
+        return (name == "lm_head.weight" and "model.embed_tokens.weight" in names and not self.is_stage(ref)
+                and bool(self.sources[ref].config().get("tie_word_embeddings")))
 
     def shape(self, ref: str, name: str) -> tuple[int, ...]:
         if self.is_stage(ref):
@@ -134,8 +137,7 @@ def plan_stage(st: Stage, inputs: Inputs, recipe: Recipe) -> StageInfo:
         for key, tid in (("bos_token_id", vocab.bos_id), ("eos_token_id", vocab.eos_id), ("pad_token_id", vocab.pad_id)):
             if tid is not None:
                 config[key] = tid
-    if "lm_head.weight" not in info.jobs:
-        config["tie_word_embeddings"] = True
+    config["tie_word_embeddings"] = "lm_head.weight" not in info.jobs
     return info
 
 
@@ -246,7 +248,7 @@ def _plan_slices_form(st: Stage, inputs: Inputs, info: StageInfo, out_rows):
 def _check_shapes(job: TensorJob, inputs: Inputs, info: StageInfo, out_rows) -> tuple[int, ...]:
     shapes = []
     for op in job.operands:
-        if op.tensor not in set(inputs.names(op.ref)):
+        if not inputs.has(op.ref, op.tensor):
             raise GGMergeError(f"missing tensor (needed by stage '{info.stage.label}')",
                                path=inputs.where(op.ref), tensor=op.tensor)
         shapes.append(inputs.shape(op.ref, op.tensor))
