@@ -10,8 +10,9 @@ import logging
 import os
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+import torch
 
+from .. import progress as progress_bar
 from ..dtypes import parse_dtype
 from ..sources.gguf import GGUFSource
 from ..writers.hf import HFWriter
@@ -30,13 +31,22 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
         names = src.names()
         config = src.config()  # before writing anything: a bad header fails here, not half-way
         vocab = src.vocab()
-        with HFWriter(out_dir, dtype=parse_dtype(dtype), max_shard_bytes=max_shard_bytes) as writer:
-            with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeRemainingColumn(), disable=not progress, transient=True) as bar:
-                task = bar.add_task(f"{Path(gguf_path).name} → {Path(out_dir).name}", total=len(names))
+        dt = parse_dtype(dtype)
+        itemsize = torch.empty((), dtype=dt).element_size()
+        sizes = {n: itemsize * _numel(src.shape(n)) for n in names}
+        with HFWriter(out_dir, dtype=dt, max_shard_bytes=max_shard_bytes) as writer:
+            with progress_bar.track(f"{Path(gguf_path).name} → {Path(out_dir).name}", sum(sizes.values()),
+                                    len(names), enabled=progress) as bar:
                 for name in names:
                     writer.add(name, src.load(name))
-                    bar.advance(task)
+                    bar.advance(sizes[name], 1, name)
             return writer.finish(config, vocab=vocab)
     finally:
         src.close()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         logging.getLogger("gguf").setLevel(logging.WARNING)  # gguf-py narrates every write at INFO
     try:
-        result = _dispatch(args)
+        _dispatch(args)
     except GGMergeError as exc:
         if args.debug:
             raise

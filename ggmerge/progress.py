@@ -10,13 +10,13 @@ import sys
 from typing import Iterator
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 
 console = Console(stderr=True)
 
 
-def enabled() -> bool:
+def _enabled() -> bool:
     flag = os.environ.get("GGMERGE_PROGRESS")
     if flag is not None:
         return flag not in ("0", "", "false", "no")
@@ -39,8 +39,8 @@ class Tracker:
 
 
 @contextlib.contextmanager
-def track(description: str, total_bytes: int, total_tensors: int) -> Iterator[Tracker]:
-    if not enabled():
+def track(description: str, total_bytes: int, total_tensors: int, *, enabled: bool = True) -> Iterator[Tracker]:
+    if not enabled or not _enabled():
         yield Tracker(None, None, None)
         return
     with Progress(
@@ -50,5 +50,4 @@ def track(description: str, total_bytes: int, total_tensors: int) -> Iterator[Tr
     ) as p:
         task = p.add_task(description, total=max(total_bytes, 1))
         count = p.add_task("  tensors", total=max(total_tensors, 1))
-        p.columns  # noqa: B018 - keep rich from complaining about unused progress
         yield Tracker(p, task, count)

@@ -201,7 +201,6 @@ def test_no_input_quantizes_the_latest_build(tiny_family, tmp_path, monkeypatch)
     stamp = out.stat().st_mtime_ns
     assert quantize("Q8_0") == out and out.stat().st_mtime_ns == stamp
     # a rebuilt input makes the old output stale: it is quantized again
-    import os
 
     cfg = Path(built) / "config.json"
     os.utime(cfg, ns=(stamp + 10**9, stamp + 10**9))

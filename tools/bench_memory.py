@@ -250,7 +250,10 @@ def baselines() -> dict[str, dict]:
 
 # --- the passes ----------------------------------------------------------------------------------
 
-def passes(work: Path, inputs: dict) -> list[dict]:
+PASSES = ("convert", "quantize", "back", "task3", "seed")
+
+
+def passes(work: Path, inputs: dict, skip: set[str]) -> list[dict]:
     big = inputs["big"]
     models = big / "models"
     x = work / "out" / "x.bf16.gguf"
@@ -263,7 +266,9 @@ def passes(work: Path, inputs: dict) -> list[dict]:
     seed_total, seed_largest = safetensors_stats(seed_models)
     rows = []
 
-    def row(label, cmd, model_bytes, largest, n_inputs, cwd=None, after=None):
+    def row(key, label, cmd, model_bytes, largest, n_inputs, cwd=None):
+        if key in skip:
+            return
         print(f"  {label} …", flush=True)
         m = run_ggmerge(cmd, cwd)
         rows.append(dict(label=label, cmd="ggmerge " + " ".join(map(str, cmd)), model=model_bytes,
@@ -271,14 +276,14 @@ def passes(work: Path, inputs: dict) -> list[dict]:
         print(f"    peak RSS {m['maxrss'] / MB:.0f} MB (anon {m['anon'] / MB:.0f}, file {m['file'] / MB:.0f}), "
               f"{m['wall']:.1f} s", flush=True)
 
-    row("convert HF → BF16 GGUF", ["convert", models / "base", "-o", x, "--outtype", "bf16", "--force"],
+    row("convert", "convert HF → BF16 GGUF", ["convert", models / "base", "-o", x, "--outtype", "bf16", "--force"],
         base_bytes, base_largest, 1)
     xb, xl = gguf_stats(x)
-    row("quantize BF16 GGUF → Q4_K_M", ["quantize", "q4_k_m", x, "-o", q, "--force"], xb, xl, 1)
-    row("convert BF16 GGUF → HF", ["convert", x, "-o", hf2, "--force"], xb, xl, 1)
-    row("build task_arithmetic, 3 models", ["build", big / "task3.yaml", "-o", work / "out" / "task3", "--force"],
+    row("quantize", "quantize BF16 GGUF → Q4_K_M", ["quantize", "q4_k_m", x, "-o", q, "--force"], xb, xl, 1)
+    row("back", "convert BF16 GGUF → HF", ["convert", x, "-o", hf2, "--force"], xb, xl, 1)
+    row("task3", "build task_arithmetic, 3 models", ["build", big / "task3.yaml", "-o", work / "out" / "task3", "--force"],
         all3[0] // 3, all3[1], 3)
-    row("build seed recipe (ninja-mini shape)", ["build", inputs["seed"] / "ggmerge.yaml", "-o",
+    row("seed", "build seed recipe (ninja-mini shape)", ["build", inputs["seed"] / "ggmerge.yaml", "-o",
                                                  work / "out" / "seed", "--force"],
         seed_total // len(seed_models), seed_largest, len(seed_models))
     return rows
@@ -316,6 +321,7 @@ def main() -> None:
     ap.add_argument("--size", choices=sorted(SIZES), default="1gb")
     ap.add_argument("--work", type=Path, default=Path("/tmp/ggmerge-mem"))
     ap.add_argument("--no-write", action="store_true", help="print the table only")
+    ap.add_argument("--skip", action="append", default=[], choices=PASSES, help="leave out a pass")
     ap.add_argument("--note", default="", help="a line added under the table (e.g. 'before the fix')")
     a = ap.parse_args()
     work = a.work / a.size
@@ -323,7 +329,7 @@ def main() -> None:
     inputs = make_inputs(work, SIZES[a.size])
     print("import baselines …", flush=True)
     base = baselines()
-    rows = passes(work, inputs)
+    rows = passes(work, inputs, set(a.skip))
     tab = table(rows, base)
     print(tab)
     if a.no_write:

@@ -9,9 +9,11 @@ byte for byte, i.e. what llama-quantize writes without ``--imatrix``. Feed it th
 would see: a 16-bit source is converted to float32 first, so quantize bf16/f16-rounded values to
 match a llama-quantize run on a bf16/f16 GGUF.
 
-The per-type codecs live in :mod:`.legacy`, :mod:`.kquants` and :mod:`.kquants_low`; the table in
-:mod:`.types`. Work is cut into chunks of blocks (bounded temporaries, whatever the tensor size) and
-the chunks run on a few threads: numpy releases the GIL inside its loops.
+The per-type kernels are numba functions mirroring ggml's C line by line (:mod:`.legacy`,
+:mod:`.kquants`, :mod:`.kquants_low`, primitives in :mod:`.ggml_float`), named in the table in
+:mod:`.types` and loaded on first use of a type. A tensor is cut into chunks of whole blocks that
+run on a few threads (the kernels release the GIL); memory is the output buffer plus a few hundred
+bytes of scratch per chunk.
 """
 from __future__ import annotations
 
@@ -28,7 +30,10 @@ from .types import TABLE, QuantType
 
 __all__ = ["quantize", "dequantize", "block_info", "can_quantize", "default_threads"]
 
-_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+# values per chunk: big enough that a chunk costs far more than handing it to a thread, small
+# enough that two threads share a tensor evenly on a busy machine
+_MIN_CHUNK = 1 << 14
+_MAX_CHUNK = 1 << 18
 
 
 def block_info(qtype: GGMLQuantizationType) -> tuple[int, int]:
@@ -72,25 +77,31 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType, *, threads: int | No
         raise GGMergeError(
             f"rows of {n_per_row} values cannot be stored as {entry.qtype.name}: "
             f"the row length must be a multiple of its block size {bs}", tensor=tensor)
-    blocks = x.reshape(-1, bs)
-    out = np.empty((blocks.shape[0], ts), dtype=np.uint8)
-    starts = range(0, blocks.shape[0], entry.chunk_blocks)
-    check = entry.qtype not in _FLOAT_TYPES
+    flat = x.reshape(-1)
+    out = np.empty(flat.size // bs * ts, dtype=np.uint8)
+    if entry.kernel_name is None:  # F32: ggml_quantize_chunk memcpy's the values
+        out[:] = flat.view(np.uint8)
+        return out.reshape(x.shape[:-1] + (n_per_row // bs * ts,))
+    kernel = entry.kernel()
+    all_finite = _all_finite() if entry.checks_finite else None
 
-    def run(start: int) -> None:
-        chunk = blocks[start:start + entry.chunk_blocks]
-        if check and not np.isfinite(chunk).all():
+    def run(lo: int, hi: int) -> None:  # blocks [lo, hi)
+        chunk = flat[lo * bs:hi * bs]
+        if all_finite is not None and not all_finite(chunk):
             raise GGMergeError(f"cannot quantize NaN or infinite values to {entry.qtype.name}",
                                tensor=tensor)
-        out[start:start + chunk.shape[0]] = entry.codec(chunk)
+        kernel(chunk, out[lo * ts:hi * ts])
 
-    n_threads = min(threads or default_threads(), len(starts))
-    if n_threads <= 1:
-        for s in starts:
-            run(s)
+    n_blocks = flat.size // bs
+    n_threads = max(1, threads or default_threads())
+    per_chunk = max(_MIN_CHUNK // bs, min(_MAX_CHUNK // bs, -(-n_blocks // n_threads)), 1)
+    spans = [(lo, min(lo + per_chunk, n_blocks)) for lo in range(0, n_blocks, per_chunk)]
+    if n_threads == 1 or len(spans) <= 1:
+        for lo, hi in spans:
+            run(lo, hi)
     else:
-        with ThreadPoolExecutor(n_threads, thread_name_prefix="ggmerge-quant") as pool:
-            for f in [pool.submit(run, s) for s in starts]:
+        with ThreadPoolExecutor(min(n_threads, len(spans)), thread_name_prefix="ggmerge-quant") as pool:
+            for f in [pool.submit(run, lo, hi) for lo, hi in spans]:
                 f.result()
     return out.reshape(x.shape[:-1] + (n_per_row // bs * ts,))
 
@@ -99,6 +110,11 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """float32 values of ``raw`` (uint8 ``(..., bytes_per_row)``), by gguf-py's codecs."""
     return np.asarray(_gguf_quants.dequantize(np.asarray(raw), GGMLQuantizationType(qtype)),
                       dtype=np.float32)
+
+
+def _all_finite():
+    from .ggml_float import all_finite  # imports numba: only once a block type is quantized
+    return all_finite
 
 
 def _entry(qtype, tensor) -> QuantType:

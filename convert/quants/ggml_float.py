@@ -1,90 +1,160 @@
-"""float32 arithmetic exactly as ggml's C quantizers do it.
+"""float32 scalar primitives exactly as ggml's C quantizers compute them (numba, nopython).
 
 ggml-base (which holds the ``quantize_row_*_ref`` functions) is compiled with plain ``-O3``: every
-float operation is one IEEE float32 operation, rounded on its own (no FMA contraction, no
-re-association). numpy's element-wise float32 ufuncs are the same IEEE operations, so an element-wise
-mirror is exact by construction. Three things are not, and live here:
+float operation is one IEEE float32 operation, rounded on its own, in source order (no FMA
+contraction, no re-association). numba without ``fastmath`` emits the same LLVM operations, so a
+line-by-line mirror in float32 gives the same bits. Two traps make that "in float32" a rule to keep
+by hand in every kernel: numba (like numpy) promotes ``float32 * int`` and ``float32 * 0.5`` to
+float64, so integers are converted with ``F32(l)`` (what C's usual arithmetic conversions do) and
+every float constant is a float32 global.
 
-* sums: C adds term by term in index order; numpy's ``sum`` along a contiguous axis is pairwise.
-  :func:`seq_sum` keeps C's order.
-* ``nearest_int`` (ggml-quants.c) is a bit trick, equal to round-half-even only for |v| < 2**22.
-* ``GGML_FP32_TO_FP16`` is round-to-nearest-even like numpy's cast, except that every NaN becomes
-  0x7E00 (with the sign kept).
+What C does through bit patterns or conversions lives here:
 
-Vectorised layout used by the quantizers: a sub-block of ``n`` values is a *column*; arrays are
-``(n, S)`` with one column per sub-block, so "element i of every sub-block" is one contiguous row.
+* :func:`nearest_int` (ggml-quants.c): add 1.5*2**23 and keep the low 23 mantissa bits.
+  Round-half-to-even for |v| < 2**22; beyond that the same garbage C returns (it matters for blocks
+  with one huge outlier, whose levels land far outside the range).
+* :func:`fp16_bits` / :func:`fp16_value`: ``ggml_compute_fp32_to_fp16`` / ``_fp16_to_fp32``
+  (ggml-impl.h): IEEE round-to-nearest-even, every NaN stored as 0x7E00 with its sign.
+* :func:`bf16_bits`: ``ggml_compute_fp32_to_bf16``.
+* :func:`c_int`: C's float -> int conversion as x86-64 does it (``cvttss2si``): truncate toward
+  zero; NaN and out-of-range give INT32_MIN, whose low byte (0) is what an ``int8_t`` keeps.
+* :func:`roundf`: half away from zero.
+
+Kernels that call these are compiled with ``cache=True``; numba's cache notices edits to the
+kernel's own file only, so after editing this file delete ``__pycache__/*.nbi``/``*.nbc`` here.
 """
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 F32 = np.float32
-_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23, the constant in ggml's nearest_int
+GROUP_MAX_EPS = F32(1e-15)  # ggml-quants.c: below this a group counts as all zero
+_MAGIC = F32(12582912.0)  # 1.5 * 2**23
+_TO_INF = F32(2.0 ** 112)  # ggml_compute_fp32_to_fp16's scale_to_inf
+_TO_ZERO = F32(2.0 ** -110)  # ... and scale_to_zero
+_SUBNORMAL_HALF = F32(2.0 ** -24)  # value of the fp16 subnormal mantissa unit
+_HALF = F32(0.5)
+_ONE = F32(1.0)
+_I32_LO = F32(-2147483904.0)  # the float below -2**31: values above it truncate into int32
+_I32_HI = F32(2147483648.0)  # 2**31
+
+# C-compiled kernels must never be rebuilt with different float semantics: the flags, in one place
+JIT = dict(cache=True, nogil=True, error_model="numpy")
 
 
-def nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's ``nearest_int``: add 1.5*2**23 in float32 and keep the low 23 mantissa bits.
+@intrinsic
+def f32_bits(typingctx, x):
+    """uint32 bit pattern of a float32 (C's ``memcpy(&i, &f, 4)``)."""
+    if x != types.float32:
+        return None
 
-    Equals round-half-even for |v| < 2**22; beyond that (and for inf/NaN) it returns the same
-    garbage the C code does, which matters for blocks with one huge outlier.
-    """
-    t = np.add(v, _MAGIC, dtype=F32)
-    r = t.view(np.int32)
-    np.bitwise_and(r, 0x007FFFFF, out=r)
-    np.subtract(r, 0x00400000, out=r)
-    return r
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
 
 
-def fp16_bits(v: np.ndarray) -> np.ndarray:
-    """uint16 bits of ``GGML_FP32_TO_FP16`` (ggml_compute_fp32_to_fp16 in ggml-impl.h)."""
-    v = np.asarray(v, dtype=F32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        h = v.astype(np.float16).view(np.uint16)
-    nan = np.isnan(v)
-    if nan.any():
-        sign = (v.view(np.uint32) >> 16).astype(np.uint16) & np.uint16(0x8000)
-        h = np.where(nan, sign | np.uint16(0x7E00), h)
-    return h
+@intrinsic
+def bits_f32(typingctx, u):
+    """float32 whose bit pattern is the low 32 bits of the integer ``u``."""
+    if not isinstance(u, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if u.bitwidth > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif u.bitwidth < 32:
+            v = builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+    return types.float32(u), codegen
 
 
-def fp16_round(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(bits, value): the fp16 stored by ggml and ``GGML_FP16_TO_FP32`` of it."""
-    bits = fp16_bits(v)
-    return bits, bits.view(np.float16).astype(F32)
+@njit(**JIT)
+def nearest_int(v):
+    """ggml's ``nearest_int(float)`` bit trick, returned as int64."""
+    return np.int64(f32_bits(v + _MAGIC) & np.uint32(0x007FFFFF)) - 0x00400000
 
 
-def seq_sum(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Sum over axis 0 as ``float s = 0; for (i) s += a[i];`` does, in float32.
-
-    numpy reduces over a non-contiguous leading axis row by row (sequentially), which is C's order;
-    with a single column the reduction axis becomes contiguous and numpy would sum pairwise, so narrow
-    arrays are summed with an explicit loop.
-    """
-    if a.ndim == 2 and a.shape[1] >= 8 and a.flags.c_contiguous:
-        return np.add.reduce(a, axis=0, out=out, initial=F32(0.0))
-    acc = np.zeros(a.shape[1:], dtype=F32) if out is None else out
-    if out is not None:
-        acc[...] = 0
-    for row in a:
-        np.add(acc, row, out=acc)
-    return acc
-
-
-def seq_sum_from_first(a: np.ndarray) -> np.ndarray:
-    """Sum over axis 0 as ``float s = a[0]; for (i = 1..) s += a[i];`` does (no leading +0)."""
-    if a.ndim == 2 and a.shape[1] >= 8 and a.flags.c_contiguous:
-        return np.add.reduce(a, axis=0)
-    acc = a[0].astype(F32, copy=True)
-    for row in a[1:]:
-        np.add(acc, row, out=acc)
-    return acc
+@njit(**JIT)
+def fp16_bits(f):
+    """uint16 bits (as int64) of ``ggml_compute_fp32_to_fp16(f)``, step by step."""
+    base = (abs(f) * _TO_INF) * _TO_ZERO
+    w = np.int64(f32_bits(f))
+    shl1_w = (w + w) & 0xFFFFFFFF
+    sign = w & 0x80000000
+    bias = shl1_w & 0xFF000000
+    if bias < 0x71000000:
+        bias = 0x71000000
+    base = bits_f32((bias >> 1) + 0x07800000) + base
+    bits = np.int64(f32_bits(base))
+    nonsign = ((bits >> 13) & 0x00007C00) + (bits & 0x00000FFF)
+    return ((sign >> 16) | (0x7E00 if shl1_w > 0xFF000000 else nonsign)) & 0xFFFF
 
 
-def c_int_trunc(v: np.ndarray) -> np.ndarray:
-    """C's float -> int conversion as x86-64 does it (``cvttss2si``): truncate toward zero;
-    NaN and values outside int32 give INT32_MIN. Returned as int64 to allow further C casts."""
-    v = np.asarray(v, dtype=F32)
-    ok = np.isfinite(v) & (v > F32(-2147483904.0)) & (v < F32(2147483648.0))
-    with np.errstate(invalid="ignore"):
-        t = np.trunc(np.where(ok, v, F32(0))).astype(np.int64)
-    return np.where(ok, t, np.int64(-2147483648))
+@njit(**JIT)
+def fp16_value(h):
+    """``GGML_FP16_TO_FP32``: the exact float32 value of fp16 bits ``h``."""
+    sign = (h & 0x8000) << 16
+    exp = (h >> 10) & 0x1F
+    mant = h & 0x3FF
+    if exp == 0:
+        v = F32(mant) * _SUBNORMAL_HALF  # exact: at most 10 significant bits
+        return -v if sign else v
+    if exp == 31:
+        return bits_f32(sign | 0x7F800000 | (mant << 13))
+    return bits_f32(sign | ((exp + 112) << 23) | (mant << 13))
+
+
+@njit(**JIT)
+def fp16_store(out, at, f):
+    """Store ``GGML_FP32_TO_FP16(f)`` little-endian at ``out[at:at + 2]``; return its float32 value."""
+    h = fp16_bits(f)
+    out[at] = h & 0xFF
+    out[at + 1] = h >> 8
+    return fp16_value(h)
+
+
+@njit(**JIT)
+def bf16_bits(f):
+    """uint16 bits (as int64) of ``ggml_compute_fp32_to_bf16(f)``: nearest even; NaN made quiet."""
+    u = np.int64(f32_bits(f))
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return ((u >> 16) | 64) & 0xFFFF
+    return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16) & 0xFFFF
+
+
+@njit(**JIT)
+def c_int(v):
+    """C's ``(int)v`` for a float32 on x86-64 (``cvttss2si``), as int64."""
+    if v > _I32_LO and v < _I32_HI:
+        return np.int64(v)
+    return np.int64(-2147483648)
+
+
+@njit(**JIT)
+def int8(i):
+    """C's conversion of an int to ``int8_t``: the low byte, sign-extended."""
+    return ((i & 0xFF) ^ 0x80) - 0x80
+
+
+@njit(**JIT)
+def roundf(v):
+    """C's ``roundf``: nearest integer, halves away from zero (float32 in, float32 out)."""
+    a = abs(v)
+    r = np.floor(a)
+    if a - r >= _HALF:  # exact: a - floor(a) is representable for every float32
+        r = r + _ONE
+    return np.float32(np.copysign(r, v))
+
+
+@njit(**JIT)
+def all_finite(x):
+    """True if no element of the float32 array ``x`` is NaN or infinite (one integer pass)."""
+    m = np.uint32(0)
+    for v in x:
+        b = f32_bits(v) & np.uint32(0x7FFFFFFF)
+        m = b if b > m else m
+    return m < np.uint32(0x7F800000)

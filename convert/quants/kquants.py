@@ -1,333 +1,265 @@
-"""Q4_K, Q5_K and Q6_K quantizers, byte-identical to ggml's ``quantize_row_q{4,5,6}_K_ref``.
+"""Q4_K, Q5_K and Q6_K (numba kernels), byte-identical to ggml's ``quantize_row_q{4,5,6}_K_ref``.
 
-Each function mirrors its C reference in ggml/src/ggml-quants.c operation by operation (same float32
-operations in the same order; see :mod:`.ggml_float` for why that is exact). The C code loops block by
-block; here every loop over blocks becomes a numpy operation over all the sub-blocks of a chunk at
-once, laid out as columns ``(n, S)``, and only the in-block loops (search steps, and the sequential
-sums over a sub-block's elements) remain Python loops.
-
-Input of every ``quantize_*`` here: float32 ``(n_blocks, 256)``; output: uint8 ``(n_blocks, type_size)``.
-Scope: no importance matrix (llama-quantize without ``--imatrix`` calls exactly these references).
+Each function mirrors its C namesake in ggml/src/ggml-quants.c statement by statement, in float32
+and in C's order (see :mod:`.ggml_float` for why that is exact and for the two typing traps). Kernel
+signature: ``(x, out)``, ``x`` contiguous float32 holding whole 256-value super-blocks, ``out`` the
+contiguous uint8 buffer for them. Scope: no importance matrix (llama-quantize without ``--imatrix``
+calls exactly these references).
 """
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
-from .ggml_float import F32, fp16_round, nearest_int, seq_sum, seq_sum_from_first
+from .ggml_float import GROUP_MAX_EPS, JIT, F32, fp16_store, int8, nearest_int
 
 QK_K = 256
-GROUP_MAX_EPS = F32(1e-15)
-_SAFE_RINT = F32(4.0e6)  # below 2**22, where nearest_int == round-half-even
+_ZERO = F32(0.0)
+_ONE = F32(1.0)
+_TENTH = F32(0.1)  # the 0.1f of the scale searches
 
 
-def columns(blocks: np.ndarray, n: int) -> np.ndarray:
-    """(B, 256) super-blocks -> (n, S) sub-block columns, S = B * 256 / n, C-contiguous."""
-    return np.ascontiguousarray(blocks.reshape(-1, n).T)
+@njit(**JIT)
+def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
+    """make_qkx2_quants: levels ``L`` (uint8, 0..nmax) and returns ``(scale, the_min)``.
 
-
-def final_levels(x: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int,
-                 Lsearch: np.ndarray, offset: int = 0) -> np.ndarray:
-    """The last pass of every K-quant reference, over columns (n, S), returned as uint8 (B, 256).
-
-    Where the sub-block's quantized scale ``d`` is non-zero: ``MAX(lo, MIN(hi, nearest_int((x + dm)/d)))
-    + offset`` (``dm`` None: ``x/d``); where it is zero C skips the sub-block and keeps the levels
-    its search found (``Lsearch``, already offset).
+    ``rmin``/``rdelta`` must be float32. As in C, ``min`` is updated inside the step loop, so later
+    steps quantize around the best minimum found so far.
     """
-    d = d.reshape(-1)
-    v = (x + dm.reshape(-1)) / d if dm is not None else x / d
-    v = _levels(v, lo, hi, False)
-    if offset:
-        v += F32(offset)
-    L = np.where(d != 0, v, Lsearch).astype(np.uint8)
-    return L.T.reshape(-1, QK_K)
-
-
-def running_max(v: np.ndarray) -> np.ndarray:
-    """``float m = 0; for (j) if (v[j] > m) m = v[j];`` over the last axis (NaN never wins, +0 if none)."""
-    m = np.max(np.where(v > 0, v, F32(0)), axis=-1)
-    return m.astype(F32, copy=False)
-
-
-def first_abs_max(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``if (fabsf(v[i]) > amax) { amax = fabsf(v[i]); max = v[i]; }`` from amax = max = 0, over axis 0.
-
-    Returns (amax, max): the first element of largest magnitude wins, NaN never does.
-    """
-    amax = np.zeros(v.shape[1:], dtype=F32)
-    vmax = np.zeros(v.shape[1:], dtype=F32)
-    for row in v:
-        a = np.abs(row)
-        upd = a > amax
-        np.copyto(amax, a, where=upd)
-        np.copyto(vmax, row, where=upd)
-    return amax, vmax
-
-
-def first_abs_max_finite(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`first_abs_max` for finite columns (n, S), with whole-array reductions.
-
-    The extreme's magnitude is the column max of |x|; only its sign needs the scan order, and only
-    where both +amax and -amax occur.
-    """
-    amax = np.maximum.reduce(np.abs(x), axis=0)
-    pos = np.logical_or.reduce(x == amax, axis=0)
-    vmax = np.where(pos, amax, -amax)
-    tie = pos & np.logical_or.reduce(x == -amax, axis=0)
-    if tie.any():
-        vmax[tie] = first_abs_max(x[:, tie])[1]
-    return amax, vmax
-
-
-def _levels(v: np.ndarray, lo: float | None, hi: float | None, fast: bool) -> np.ndarray:
-    """In place: ``MAX(lo, MIN(hi, nearest_int(v)))`` as float32 (``None``: that clamp is a no-op).
-
-    ``fast`` (the caller proved |v| < 2**22, where nearest_int is round-half-even) uses ``np.rint``;
-    otherwise the exact bit trick of :func:`nearest_int` is used.
-    """
-    if fast:
-        np.rint(v, out=v)
-    else:
-        np.copyto(v, nearest_int(v), casting="unsafe")
-        lo = -np.inf if lo is None else lo
-        hi = np.inf if hi is None else hi
-    if lo is not None and hi is not None:
-        np.clip(v, F32(lo), F32(hi), out=v)
-    elif hi is not None:
-        np.minimum(v, F32(hi), out=v)
-    elif lo is not None:
-        np.maximum(v, F32(lo), out=v)
-    return v
-
-
-def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
-                     nstep: int, use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mirror of ``make_qkx2_quants`` over columns: x, w are (n, S) float32.
-
-    Returns (scale, the_min, L) with L the (n, S) levels as float32. As in C, ``min`` is updated
-    inside the step loop, so later steps quantize around the best minimum found so far.
-    """
-    hi = F32(nmax)
-    with np.errstate(all="ignore"):
-        sum_w = seq_sum_from_first(w)
-        sum_x = seq_sum_from_first(w * x)
-        xmin = np.minimum.reduce(x, axis=0)
-        xmax = np.maximum.reduce(x, axis=0)
-        mn = np.where(xmin > 0, F32(0), xmin)
-        flat = xmax == mn  # C returns early for these; their columns are overwritten at the end
-        keep = ~flat
-        L = np.empty_like(x)
-        t = np.empty_like(x)
-        wl = np.empty_like(x)
-
-        def around(m):
-            """(max - min, reach of |x - min|, no clamp needed) for the current min m per column."""
-            rng = np.where(keep, xmax - m, F32(1))  # flat columns: any finite value will do
-            reach = np.where(keep, np.maximum(np.abs(xmax - m), np.abs(xmin - m)), F32(0))
-            return rng, reach, bool(np.all(rng > 0)) and not bool(np.any(m > xmin))
-
-        def levels(num, m, rng, reach, inside):
-            # C: MAX(0, MIN(nmax, nearest_int(iscale*(x - min)))), iscale = num/(max - min).
-            # |v| <= iscale*reach below 2**22: rint is exact. 'inside' (min <= x <= max, max > min
-            # everywhere) gives 0 <= v <= num*(1+eps)**2: the clamps are no-ops unless num >= nmax+.5
-            iscale = num / rng
-            np.subtract(x, m, out=t)
-            np.multiply(t, iscale, out=L)
-            fast = bool(np.max(iscale * reach) < _SAFE_RINT)
-            if fast and inside:
-                _levels(L, None, hi if np.max(num) >= hi + F32(0.49) else None, True)
-            else:
-                _levels(L, 0.0, hi, fast)
-            return iscale
-
-        rng, reach, inside = around(mn)
-        iscale = levels(hi, mn, rng, reach, inside)
-        scale = F32(1) / iscale
-        np.multiply(L, scale, out=t)
-        np.add(t, mn, out=t)
-        np.subtract(t, x, out=t)
-        _err_term(t, w, use_mad)
-        best_error = seq_sum(t)
-        best_step = np.zeros(x.shape[1], dtype=np.int8)  # 0: the initial levels, k: step k - 1
-        best_m = mn
-
-        nums = [F32(rmin) + F32(rdelta) * F32(step) + F32(nmax) for step in range(nstep + 1)]
-        for k, num in enumerate(nums, start=1):
-            levels(num, mn, rng, reach, inside)
-            np.multiply(w, L, out=wl)
-            sum_l = seq_sum(wl)
-            np.multiply(wl, L, out=t)
-            sum_l2 = seq_sum(t)
-            np.multiply(wl, x, out=t)
-            sum_xl = seq_sum(t)
-            D = sum_w * sum_l2 - sum_l * sum_l
+    mn = x[0]
+    mx = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < mn:
+            mn = x[i]
+        if x[i] > mx:
+            mx = x[i]
+        w = weights[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if mn > 0:
+        mn = _ZERO
+    if mx == mn:
+        for i in range(n):
+            L[i] = 0
+        return _ZERO, -mn
+    fnmax = F32(nmax)
+    iscale = fnmax / (mx - mn)
+    scale = _ONE / iscale
+    best_error = _ZERO
+    for i in range(n):
+        l = max(0, min(nmax, nearest_int(iscale * (x[i] - mn))))
+        L[i] = l
+        diff = scale * F32(l) + mn - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += weights[i] * diff
+    if nstep < 1:
+        return scale, -mn
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * F32(step) + fnmax) / (mx - mn)
+        sum_l = _ZERO
+        sum_l2 = _ZERO
+        sum_xl = _ZERO
+        for i in range(n):
+            l = max(0, min(nmax, nearest_int(iscale * (x[i] - mn))))
+            Laux[i] = l
+            w = weights[i]
+            fl = F32(l)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > 0:
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            pos = this_min > 0
-            if pos.any():
-                this_min = np.where(pos, F32(0), this_min)
-                this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            np.multiply(L, this_scale, out=t)
-            np.add(t, this_min, out=t)
-            np.subtract(t, x, out=t)
-            _err_term(t, w, use_mad)
-            cur_error = seq_sum(t)
-            better = (D > 0) & (cur_error < best_error)
-            if better.any():
-                best_error = np.where(better, cur_error, best_error)
-                scale = np.where(better, this_scale, scale)
-                np.maximum(best_step, better.view(np.int8) * np.int8(k), out=best_step)
-                best_m = np.where(better, mn, best_m)  # the min these levels were made with
-                mn = np.where(better, this_min, mn)
-                rng, reach, inside = around(mn)
-
-        # the chosen levels again (same float operations, so the same values)
-        best_num = np.asarray([hi] + nums, dtype=F32)[best_step]
-        rng, reach, inside = around(best_m)
-        levels(best_num, best_m, rng, reach, inside)
-        L[:, flat] = 0
-        scale = np.where(flat, F32(0), scale)
-        the_min = -mn
-    return scale.astype(F32, copy=False), the_min.astype(F32, copy=False), L
+            if this_min > 0:
+                this_min = _ZERO
+                this_scale = sum_xl / sum_l2
+            cur_error = _ZERO
+            for i in range(n):
+                diff = this_scale * F32(Laux[i]) + this_min - x[i]
+                diff = abs(diff) if use_mad else diff * diff
+                cur_error += weights[i] * diff
+            if cur_error < best_error:
+                for i in range(n):
+                    L[i] = Laux[i]
+                best_error = cur_error
+                scale = this_scale
+                mn = this_min
+    return scale, -mn
 
 
-def _err_term(diff: np.ndarray, w: np.ndarray, use_mad: bool) -> None:
-    """In place: ``w * (use_mad ? fabsf(diff) : diff*diff)``."""
-    if use_mad:
-        np.abs(diff, out=diff)
-    else:
-        np.multiply(diff, diff, out=diff)
-    np.multiply(w, diff, out=diff)
+@njit(**JIT)
+def make_qx_quants_rmse1(n, nmax, x, L):
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): levels + nmax in ``L``; returns scale."""
+    vmax = _ZERO
+    amax = _ZERO
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            vmax = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return _ZERO
+    iscale = F32(-nmax) / vmax
+    sumlx = _ZERO
+    suml2 = _ZERO
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+        L[i] = l + nmax
+        w = x[i] * x[i]
+        fl = F32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    scale = sumlx / suml2 if suml2 != 0 else _ZERO
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(F32(nmax) + _TENTH * F32(step)) / vmax
+        sumlx = _ZERO
+        suml2 = _ZERO
+        for i in range(n):
+            l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+            w = x[i] * x[i]
+            fl = F32(l)
+            sumlx += w * x[i] * fl
+            suml2 += w * fl * fl
+        if suml2 > 0 and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[i] = nmax + max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
 
 
-def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mirror of ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)`` over columns (n, S).
-
-    Returns (scale, L) with L = level + nmax as float32 (0 for all-zero columns, as in C).
-    """
-    with np.errstate(all="ignore"):
-        amax, vmax = first_abs_max_finite(x)
-        zero = amax < GROUP_MAX_EPS
-        vmax = np.where(zero, F32(1), vmax)
-        w = x * x
-        wx = w * x
-        lo, hi = -float(nmax), float(nmax - 1)
-        L = np.empty_like(x)
-        t = np.empty_like(x)
-
-        def sums(iscale):
-            # |x| <= |max| >= 1e-15 in a non-zero column, so |iscale*x| <= nmax + 1: rint is exact
-            np.multiply(x, iscale, out=L)
-            _levels(L, lo, hi, True)
-            np.multiply(wx, L, out=t)
-            sumlx = seq_sum(t)
-            np.multiply(w, L, out=t)
-            np.multiply(t, L, out=t)
-            return sumlx, seq_sum(t)
-
-        # numerators of iscale: C's first try, then is = -9..9 without 0
-        nums = [F32(-nmax)] + [-(F32(nmax) + F32(0.1) * F32(i)) for i in range(-9, 10) if i]
-        sumlx, suml2 = sums(nums[0] / vmax)
-        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
-        best = scale * sumlx
-        best_k = np.zeros(x.shape[1], dtype=np.int8)
-        for k in range(1, len(nums)):
-            sumlx, suml2 = sums(nums[k] / vmax)
-            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            if better.any():
-                scale = np.where(better, sumlx / suml2, scale)
-                best = np.where(better, scale * sumlx, best)
-                np.maximum(best_k, better.view(np.int8) * np.int8(k), out=best_k)  # later k wins
-        best_iscale = np.asarray(nums, dtype=F32)[best_k] / vmax
-        np.multiply(x, best_iscale, out=L)
-        _levels(L, lo, hi, True)
-        L += F32(nmax)
-        L[:, zero] = 0
-        scale = np.where(zero, F32(0), scale)
-    return scale.astype(F32, copy=False), L
-
-
-def pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
-    """The 12-byte 6-bit scale/min packing of Q4_K/Q5_K (inverse of ``get_scale_min_k4``)."""
-    ls = ls.astype(np.uint8)
-    lm = lm.astype(np.uint8)
-    out = np.zeros(ls.shape[:-1] + (12,), dtype=np.uint8)
-    out[..., 0:4] = ls[..., 0:4] | ((ls[..., 4:8] >> 4) << 6)
-    out[..., 4:8] = lm[..., 0:4] | ((lm[..., 4:8] >> 4) << 6)
-    out[..., 8:12] = (ls[..., 4:8] & 0xF) | ((lm[..., 4:8] & 0xF) << 4)
-    return out
-
-
-def _qkx_superblock(blocks: np.ndarray, nmax: int, rmin: float, nstep: int):
-    """Shared body of quantize_row_q4_K_ref / quantize_row_q5_K_ref up to the final levels."""
-    B = blocks.shape[0]
-    x = columns(blocks, 32)
-    with np.errstate(all="ignore"):
-        sum_x2 = seq_sum(x * x)
+@njit(**JIT)
+def _q45_k_head(xb, ob, nmax, rmin, nstep, L, Laux, weights, scales, mins, ls, lm):
+    """The shared part of quantize_row_q4_K_ref / quantize_row_q5_K_ref for one super-block: writes
+    d, dmin and the 12 packed 6-bit scale/min bytes into ``ob[0:16]`` and the levels into ``L``.
+    The arguments after ``nstep`` are scratch (see :func:`_q45_scratch`)."""
+    max_scale = _ZERO
+    max_min = _ZERO
+    for j in range(8):
+        xs = xb[32 * j:32 * j + 32]
+        sum_x2 = _ZERO
+        for l in range(32):
+            sum_x2 += xs[l] * xs[l]
         av_x = np.sqrt(sum_x2 / F32(32))
-        w = av_x + np.abs(x)
-        scales, mins, Lsearch = make_qkx2_quants(x, w, nmax, rmin, 0.1, nstep, False)
-        del w
-        scales = scales.reshape(B, 8)
-        mins = mins.reshape(B, 8)
-        max_scale = running_max(scales)
-        max_min = running_max(mins)
-        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
-        inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
-        ls = np.minimum(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63)
-        lm = np.minimum(nearest_int(inv_min[:, None] * mins) & 0xFF, 63)
-        d_bits, d = fp16_round(max_scale / F32(63))
-        dmin_bits, dmin = fp16_round(max_min / F32(63))
-        dj = d[:, None] * ls.astype(F32)
-        dmj = dmin[:, None] * lm.astype(F32)
-        L = final_levels(x, dj, dmj, 0, nmax, Lsearch)
-    head = np.concatenate([d_bits[:, None].view(np.uint8), dmin_bits[:, None].view(np.uint8),
-                           pack_scale_min_k4(ls, lm)], axis=1)
-    return head, L
+        for l in range(32):
+            weights[l] = av_x + abs(xs[l])
+        s, m = make_qkx2_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32], Laux,
+                                rmin, _TENTH, nstep, False)
+        scales[j] = s
+        mins[j] = m
+        if s > max_scale:
+            max_scale = s
+        if m > max_min:
+            max_min = m
+    inv_scale = F32(63) / max_scale if max_scale > 0 else _ZERO
+    inv_min = F32(63) / max_min if max_min > 0 else _ZERO
+    for j in range(8):
+        ls[j] = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)  # uint8_t, then MIN
+        lm[j] = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+    # the packing read back by get_scale_min_k4
+    for j in range(4):
+        ob[4 + j] = ls[j] | ((ls[j + 4] >> 4) << 6)
+        ob[8 + j] = lm[j] | ((lm[j + 4] >> 4) << 6)
+        ob[12 + j] = (ls[j + 4] & 0xF) | ((lm[j + 4] & 0xF) << 4)
+    d = fp16_store(ob, 0, max_scale / F32(63))
+    dmin = fp16_store(ob, 2, max_min / F32(63))
+    for j in range(8):
+        dj = d * F32(ls[j])
+        if dj == 0:
+            continue
+        dm = dmin * F32(lm[j])
+        for ii in range(32):
+            L[32 * j + ii] = max(0, min(nmax, nearest_int((xb[32 * j + ii] + dm) / dj)))
 
 
-def quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
+@njit(**JIT)
+def _q45_scratch():
+    """L, Laux, weights, scales, mins, ls, lm of quantize_row_q4_K_ref, allocated once per call."""
+    return (np.empty(QK_K, np.uint8), np.empty(32, np.uint8), np.empty(32, np.float32),
+            np.empty(8, np.float32), np.empty(8, np.float32), np.empty(8, np.int64), np.empty(8, np.int64))
+
+
+@njit(**JIT)
+def quantize_q4_k(x, out):
     """quantize_row_q4_K_ref: d, dmin (fp16), 12 scale bytes, 128 bytes of 4-bit levels."""
-    head, L = _qkx_superblock(blocks, 15, -1.0, 20)
-    L4 = L.reshape(-1, 4, 2, 32)
-    qs = L4[:, :, 0] | (L4[:, :, 1] << 4)
-    return np.concatenate([head, qs.reshape(-1, 128)], axis=1)
+    L, Laux, weights, scales, mins, ls, lm = _q45_scratch()
+    for ib in range(x.size // QK_K):
+        xb = x[QK_K * ib:QK_K * (ib + 1)]
+        ob = out[144 * ib:144 * (ib + 1)]
+        _q45_k_head(xb, ob, 15, F32(-1.0), 20, L, Laux, weights, scales, mins, ls, lm)
+        for k in range(4):
+            for l in range(32):
+                ob[16 + 32 * k + l] = L[64 * k + l] | (L[64 * k + 32 + l] << 4)
 
 
-def quantize_q5_k(blocks: np.ndarray) -> np.ndarray:
-    """quantize_row_q5_K_ref: d, dmin, 12 scale bytes, 32 bytes of high bits, 128 of low nibbles."""
-    head, L = _qkx_superblock(blocks, 31, -0.5, 15)
-    L4 = L.reshape(-1, 4, 2, 32)
-    lo = L4 & 0xF
-    hi = L4 >> 4
-    ql = lo[:, :, 0] | (lo[:, :, 1] << 4)
-    shifts = (2 * np.arange(4, dtype=np.uint8))[None, :, None, None] + np.array(
-        [0, 1], dtype=np.uint8)[None, None, :, None]
-    qh = np.bitwise_or.reduce(hi << shifts, axis=(1, 2)).astype(np.uint8)
-    return np.concatenate([head, qh, ql.reshape(-1, 128)], axis=1)
+@njit(**JIT)
+def quantize_q5_k(x, out):
+    """quantize_row_q5_K_ref: d, dmin, 12 scale bytes, 32 bytes of 5th bits, 128 of low nibbles."""
+    L, Laux, weights, scales, mins, ls, lm = _q45_scratch()
+    for ib in range(x.size // QK_K):
+        xb = x[QK_K * ib:QK_K * (ib + 1)]
+        ob = out[176 * ib:176 * (ib + 1)]
+        _q45_k_head(xb, ob, 31, F32(-0.5), 15, L, Laux, weights, scales, mins, ls, lm)
+        for j in range(32):
+            ob[16 + j] = 0
+        for k in range(4):
+            m1 = 1 << (2 * k)
+            for j in range(32):
+                l1 = np.int64(L[64 * k + j])
+                l2 = np.int64(L[64 * k + 32 + j])
+                hb = 0
+                if l1 > 15:
+                    l1 -= 16
+                    hb |= m1
+                if l2 > 15:
+                    l2 -= 16
+                    hb |= m1 << 1
+                ob[16 + j] |= hb
+                ob[48 + 32 * k + j] = l1 | (l2 << 4)
 
 
-def quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
+@njit(**JIT)
+def quantize_q6_k(x, out):
     """quantize_row_q6_K_ref: 128 bytes low nibbles, 64 bytes high 2 bits, 16 int8 scales, d."""
-    B = blocks.shape[0]
-    x = columns(blocks, 16)
-    with np.errstate(all="ignore"):
-        scales, Lsearch = make_qx_quants_rmse1(x, 32)
-        scales = scales.reshape(B, 16)
-        finite = np.isfinite(scales).all()
-        max_abs, max_scale = (first_abs_max_finite if finite else first_abs_max)(scales.T)
-        zero = max_abs < GROUP_MAX_EPS
-        iscale = F32(-128) / np.where(zero, F32(1), max_scale)
-        d_bits, d = fp16_round(F32(1) / iscale)
-        sq = np.minimum(127, nearest_int(iscale[:, None] * scales))
-        sq = ((sq + 128) & 0xFF) - 128  # stored in int8_t
-        dj = d[:, None] * sq.astype(F32)
-        L = final_levels(x, dj, None, -32, 31, Lsearch, offset=32)
-    L = L.reshape(B, 2, 4, 32)
-    lo = L & 0xF
-    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
-    hi = L >> 4
-    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-    out = np.concatenate([ql.reshape(B, 128), qh.reshape(B, 64),
-                          sq.astype(np.int8).view(np.uint8), d_bits[:, None].view(np.uint8)], axis=1)
-    out[zero] = 0
-    return out
+    L = np.empty(QK_K, np.uint8)
+    scales = np.empty(16, np.float32)
+    for ib in range(x.size // QK_K):
+        xb = x[QK_K * ib:QK_K * (ib + 1)]
+        ob = out[210 * ib:210 * (ib + 1)]
+        max_scale = _ZERO
+        max_abs_scale = _ZERO
+        for j in range(16):
+            s = make_qx_quants_rmse1(16, 32, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
+            scales[j] = s
+            a = abs(s)
+            if a > max_abs_scale:
+                max_abs_scale = a
+                max_scale = s
+        if max_abs_scale < GROUP_MAX_EPS:
+            ob[:] = 0  # memset; d = fp16(0) is 0 as well
+            continue
+        iscale = F32(-128) / max_scale
+        d = fp16_store(ob, 208, _ONE / iscale)
+        for j in range(16):
+            ob[192 + j] = min(127, nearest_int(iscale * scales[j])) & 0xFF  # int8_t
+        for j in range(16):
+            dj = d * F32(int8(ob[192 + j]))
+            if dj == 0:
+                continue
+            for ii in range(16):
+                L[16 * j + ii] = max(-32, min(31, nearest_int(xb[16 * j + ii] / dj))) + 32
+        for h in range(2):
+            Lh = L[128 * h:128 * (h + 1)]
+            for l in range(32):
+                ob[64 * h + l] = (Lh[l] & 0xF) | ((Lh[l + 64] & 0xF) << 4)
+                ob[64 * h + 32 + l] = (Lh[l + 32] & 0xF) | ((Lh[l + 96] & 0xF) << 4)
+                ob[128 + 32 * h + l] = ((Lh[l] >> 4) | ((Lh[l + 32] >> 4) << 2)
+                                        | ((Lh[l + 64] >> 4) << 4) | ((Lh[l + 96] >> 4) << 6))

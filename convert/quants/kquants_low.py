@@ -1,137 +1,175 @@
-"""Q2_K and Q3_K quantizers, byte-identical to ggml's ``quantize_row_q{2,3}_K_ref``.
+"""Q2_K and Q3_K (numba kernels), byte-identical to ggml's ``quantize_row_q{2,3}_K_ref``.
 
-Same approach as :mod:`.kquants` (columns of sub-blocks, C's float32 operations in C's order).
-Input: float32 ``(n_blocks, 256)``; output: uint8 ``(n_blocks, type_size)``.
+Same approach and kernel signature as :mod:`.kquants`: C's float32 operations in C's order.
 """
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
-from .ggml_float import F32, fp16_round, nearest_int, seq_sum
-from .kquants import (GROUP_MAX_EPS, QK_K, _levels, columns, first_abs_max, first_abs_max_finite,
-                      final_levels, make_qkx2_quants, running_max)
+from .ggml_float import GROUP_MAX_EPS, JIT, F32, fp16_store, int8, nearest_int
+from .kquants import QK_K, make_qkx2_quants
+
+_ZERO = F32(0.0)
+_ONE = F32(1.0)
 
 
-def _pack_2bit(L: np.ndarray) -> np.ndarray:
+@njit(**JIT)
+def _pack_2bit(L, qs):
     """qs of Q2_K/Q3_K: byte ``j/4 + l`` holds levels ``j+l, j+l+32, j+l+64, j+l+96`` (2 bits each)."""
-    L4 = L.reshape(-1, 2, 4, 32).astype(np.uint8)
-    q = L4[:, :, 0] | (L4[:, :, 1] << 2) | (L4[:, :, 2] << 4) | (L4[:, :, 3] << 6)
-    return q.reshape(-1, 64)
+    for h in range(2):
+        for l in range(32):
+            j = 128 * h + l
+            qs[32 * h + l] = L[j] | (L[j + 32] << 2) | (L[j + 64] << 4) | (L[j + 96] << 6)
 
 
-def quantize_q2_k(blocks: np.ndarray) -> np.ndarray:
+@njit(**JIT)
+def quantize_q2_k(x, out):
     """quantize_row_q2_K_ref: 16 scale/min nibble pairs, 64 bytes of 2-bit levels, d, dmin."""
-    B = blocks.shape[0]
-    x = columns(blocks, 16)
-    with np.errstate(all="ignore"):
-        scales, mins, Lsearch = make_qkx2_quants(x, np.abs(x), 3, -0.5, 0.1, 15, True)
-        scales = scales.reshape(B, 16)
-        mins = mins.reshape(B, 16)
-        max_scale = running_max(scales)
-        max_min = running_max(mins)
-        q4scale = F32(15)
+    L = np.empty(QK_K, np.uint8)
+    Laux = np.empty(16, np.uint8)
+    weights = np.empty(16, np.float32)
+    scales = np.empty(16, np.float32)
+    mins = np.empty(16, np.float32)
+    q4scale = F32(15)
+    for ib in range(x.size // QK_K):
+        xb = x[QK_K * ib:QK_K * (ib + 1)]
+        ob = out[84 * ib:84 * (ib + 1)]
+        max_scale = _ZERO
+        max_min = _ZERO
+        for j in range(16):
+            xs = xb[16 * j:16 * j + 16]
+            for l in range(16):
+                weights[l] = abs(xs[l])
+            s, m = make_qkx2_quants(16, 3, xs, weights, L[16 * j:16 * j + 16], Laux,
+                                    F32(-0.5), F32(0.1), 15, True)
+            scales[j] = s
+            mins[j] = m
+            if s > max_scale:
+                max_scale = s
+            if m > max_min:
+                max_min = m
+        if max_scale > 0:
+            iscale = q4scale / max_scale
+            for j in range(16):
+                ob[j] = nearest_int(iscale * scales[j]) & 0xFF
+            d = fp16_store(ob, 80, max_scale / q4scale)
+        else:
+            for j in range(16):
+                ob[j] = 0
+            d = fp16_store(ob, 80, _ZERO)
+        if max_min > 0:
+            iscale = q4scale / max_min
+            for j in range(16):
+                ob[j] = (ob[j] | (nearest_int(iscale * mins[j]) << 4)) & 0xFF
+            dmin = fp16_store(ob, 82, max_min / q4scale)
+        else:
+            dmin = fp16_store(ob, 82, _ZERO)
+        for j in range(16):
+            dj = d * F32(ob[j] & 0xF)
+            if dj == 0:
+                continue
+            dm = dmin * F32(ob[j] >> 4)
+            for ii in range(16):
+                L[16 * j + ii] = max(0, min(3, nearest_int((xb[16 * j + ii] + dm) / dj)))
+        _pack_2bit(L, ob[16:80])
 
-        has_s = max_scale > 0
-        ls = np.where(has_s[:, None], nearest_int((q4scale / max_scale)[:, None] * scales), 0) & 0xFF
-        d_bits, d = fp16_round(np.where(has_s, max_scale / q4scale, F32(0)))
-        has_m = max_min > 0
-        lm = nearest_int((q4scale / max_min)[:, None] * mins)
-        sc = np.where(has_m[:, None], (ls | (lm << 4)) & 0xFF, ls)
-        dmin_bits, dmin = fp16_round(np.where(has_m, max_min / q4scale, F32(0)))
 
-        dj = d[:, None] * (sc & 0xF).astype(F32)
-        dmj = dmin[:, None] * (sc >> 4).astype(F32)
-        L = final_levels(x, dj, dmj, 0, 3, Lsearch)
-    return np.concatenate([sc.astype(np.uint8), _pack_2bit(L),
-                           d_bits[:, None].view(np.uint8), dmin_bits[:, None].view(np.uint8)], axis=1)
+@njit(**JIT)
+def make_q3_quants(n, nmax, x, L):
+    """make_q3_quants(n, nmax, x, L, do_rmse=true): levels + nmax in ``L`` (int8); returns scale.
 
-
-def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mirror of ``make_q3_quants(n, nmax, x, L, do_rmse=true)`` over columns (n, S).
-
-    The refinement visits the elements of a sub-block one after the other and each accepted change
-    feeds the next; that order is kept (a Python loop over the n elements, vectorised over columns).
-    Returns (scale, L) with L = level + nmax as float32 (0 for all-zero columns, as in C).
+    The refinement visits the elements one after the other and each accepted change feeds the next.
     """
-    n, S = x.shape
-    with np.errstate(all="ignore"):
-        amax, vmax = first_abs_max_finite(x)
-        zero = amax < GROUP_MAX_EPS
-        vmax = np.where(zero, F32(1), vmax)
-        # |x| <= |max| >= 1e-15 in a non-zero column, so |iscale*x| <= nmax: rint is exact
-        L = _levels(x * (F32(-nmax) / vmax), -nmax, nmax - 1, True)
-        w = x * x
-        wx = w * x
-        sumlx = seq_sum(wx * L)
-        suml2 = seq_sum(w * L * L)
-        lo, hi = -nmax, nmax - 1
-        # Only columns changed by a pass can change in the next one (a pass that changes nothing
-        # leaves the state as it was: C's 'if (!n_changed) break'), so later passes run on those.
-        cols = np.arange(S)
-        xa, wa, wxa, La, slx_a, sl2_a = x, w, wx, L, sumlx, suml2
-        for _ in range(5):
-            changed = np.zeros(cols.size, dtype=bool)
-            for i in range(n):
-                Li = La[i]
-                slx = slx_a - wxa[i] * Li
-                sl2 = sl2_a - wa[i] * Li * Li
-                new_l = np.clip(nearest_int(xa[i] * sl2 / slx), lo, hi).astype(F32)
-                cand = (slx > 0) & (new_l != Li)
-                slx = slx + wxa[i] * new_l
-                sl2 = sl2 + wa[i] * new_l * new_l
-                accept = cand & (sl2 > 0) & (slx * slx * sl2_a > slx_a * slx_a * sl2)
-                if accept.any():
-                    changed |= accept
-                    La[i] = np.where(accept, new_l, Li)
-                    slx_a = np.where(accept, slx, slx_a)
-                    sl2_a = np.where(accept, sl2, sl2_a)
-            if La is L:  # first pass, on every column: L was updated in place
-                sumlx, suml2 = slx_a, sl2_a
-            else:
-                L[:, cols] = La
-                sumlx[cols] = slx_a
-                suml2[cols] = sl2_a
-            keep = np.flatnonzero(changed)
-            if keep.size == 0:
-                break
-            cols = cols[keep]
-            xa, wa, wxa, La = x[:, cols], w[:, cols], wx[:, cols], La[:, keep]
-            slx_a, sl2_a = slx_a[keep], sl2_a[keep]
-        L += F32(nmax)
-        L[:, zero] = 0
-        scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
-        scale = np.where(zero, F32(0), scale)
-    return scale.astype(F32, copy=False), L
+    vmax = _ZERO
+    amax = _ZERO
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            vmax = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return _ZERO
+    iscale = F32(-nmax) / vmax
+    sumlx = _ZERO
+    suml2 = _ZERO
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+        L[i] = l
+        w = x[i] * x[i]
+        fl = F32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = x[i] * x[i]
+            fli = F32(L[i])
+            slx = sumlx - w * x[i] * fli
+            if slx > 0:
+                sl2 = suml2 - w * fli * fli
+                new_l = max(-nmax, min(nmax - 1, nearest_int(x[i] * sl2 / slx)))
+                if new_l != L[i]:
+                    fl = F32(new_l)
+                    slx += w * x[i] * fl
+                    sl2 += w * fl * fl
+                    if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    for i in range(n):
+        L[i] += nmax
+    return sumlx / suml2 if suml2 > 0 else _ZERO
 
 
-def _pack_q3_scales(l6: np.ndarray) -> np.ndarray:
-    """The 12-byte packing of sixteen 6-bit scales in quantize_row_q3_K_ref."""
-    l6 = l6.astype(np.uint8)
-    out = np.empty(l6.shape[:-1] + (12,), dtype=np.uint8)
-    out[..., 0:8] = (l6[..., 0:8] & 0xF) | ((l6[..., 8:16] & 0xF) << 4)
-    hi = (l6 >> 4).reshape(l6.shape[:-1] + (4, 4))  # [j // 4, j % 4]
-    out[..., 8:12] = hi[..., 0, :] | (hi[..., 1, :] << 2) | (hi[..., 2, :] << 4) | (hi[..., 3, :] << 6)
-    return out
-
-
-def quantize_q3_k(blocks: np.ndarray) -> np.ndarray:
+@njit(**JIT)
+def quantize_q3_k(x, out):
     """quantize_row_q3_K_ref: 32 bytes high-bit mask, 64 bytes of low 2 bits, 12 scale bytes, d."""
-    B = blocks.shape[0]
-    x = columns(blocks, 16)
-    with np.errstate(all="ignore"):
-        scales, Lsearch = make_q3_quants(x, 4)
-        scales = scales.reshape(B, 16)
-        finite = np.isfinite(scales).all()
-        _, max_scale = (first_abs_max_finite if finite else first_abs_max)(scales.T)
-        has = max_scale != 0
-        iscale = F32(-32) / np.where(has, max_scale, F32(1))
-        l = nearest_int(iscale[:, None] * scales)
-        l = np.clip(((l + 128) & 0xFF) - 128, -32, 31) + 32  # int8_t, then MAX/MIN
-        l = np.where(has[:, None], l, 0)
-        d_bits, d = fp16_round(np.where(has, F32(1) / iscale, F32(0)))
-        dj = d[:, None] * (l - 32).astype(F32)
-        L = final_levels(x, dj, None, -4, 3, Lsearch, offset=4)
-    high = (L >> 2).reshape(B, 8, 32)
-    hmask = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
-    return np.concatenate([hmask.astype(np.uint8), _pack_2bit(L & 3), _pack_q3_scales(l),
-                           d_bits[:, None].view(np.uint8)], axis=1)
+    L = np.empty(QK_K, np.int8)
+    scales = np.empty(16, np.float32)
+    lv = np.empty(16, np.int64)
+    for ib in range(x.size // QK_K):
+        xb = x[QK_K * ib:QK_K * (ib + 1)]
+        ob = out[110 * ib:110 * (ib + 1)]
+        max_scale = _ZERO
+        amax = _ZERO
+        for j in range(16):
+            s = make_q3_quants(16, 4, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
+            scales[j] = s
+            a = abs(s)
+            if a > amax:
+                amax = a
+                max_scale = s
+        sc = ob[96:108]
+        sc[:] = 0
+        if max_scale != 0:
+            iscale = F32(-32) / max_scale
+            for j in range(16):
+                lv[j] = max(-32, min(31, int8(nearest_int(iscale * scales[j])))) + 32
+                if j < 8:
+                    sc[j] = lv[j] & 0xF
+                else:
+                    sc[j - 8] |= (lv[j] & 0xF) << 4
+                sc[j % 4 + 8] |= (lv[j] >> 4) << (2 * (j // 4))
+            d = fp16_store(ob, 108, _ONE / iscale)
+        else:
+            lv[:] = 0
+            d = fp16_store(ob, 108, _ZERO)
+        for j in range(16):
+            dj = d * F32(lv[j] - 32)  # the scale read back from the packed bytes
+            if dj == 0:
+                continue
+            for ii in range(16):
+                L[16 * j + ii] = max(-4, min(3, nearest_int(xb[16 * j + ii] / dj))) + 4
+        hmask = ob[0:32]
+        hmask[:] = 0
+        for j in range(QK_K):
+            if L[j] > 3:
+                hmask[j % 32] |= 1 << (j // 32)
+                L[j] -= 4
+        _pack_2bit(L, ob[32:96])
