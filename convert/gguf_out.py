@@ -99,7 +99,12 @@ def write_gguf(
                         raise GGMergeError(
                             f"encoded {t.qtype.name} data has {data.nbytes} bytes, expected {nbytes} "
                             f"for shape {tuple(t.shape)}", path=path, tensor=t.name)
-                    writer.write_tensor_data(data)
+                    # ndarray.tofile (inside write_tensor_data) loses errno: ENOSPC and EFBIG would
+                    # reach the user as "N requested and M written"; file.write keeps them
+                    fout = writer.fout[0]
+                    writer.write_padding(fout, fout.tell())
+                    fout.write(data.reshape(-1).view(np.uint8).data)
+                    writer.write_padding(fout, data.nbytes)
                     del data
                     bar.advance(nbytes, name=t.name)
         finally:

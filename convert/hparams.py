@@ -251,9 +251,15 @@ class LlamaHparams:
                 v = v[0]
             return v
 
-        n_embd = int(get(f"{a}.embedding_length", required=True))
-        n_head = int(per_layer(f"{a}.attention.head_count", required=True))
-        n_head_kv = int(per_layer(f"{a}.attention.head_count_kv", n_head))
+        def positive(key: str, v):
+            # a damaged or hostile file may store any type here: a float, a string, zero
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise GGMergeError(f"must be a positive integer, got {v!r}", path=path, key=key)
+            return v
+
+        n_embd = positive(f"{a}.embedding_length", get(f"{a}.embedding_length", required=True))
+        n_head = positive(f"{a}.attention.head_count", per_layer(f"{a}.attention.head_count", required=True))
+        n_head_kv = positive(f"{a}.attention.head_count_kv", per_layer(f"{a}.attention.head_count_kv", n_head))
         head_dim = int(get(f"{a}.attention.key_length", get(f"{a}.rope.dimension_count", n_embd // n_head)))
         tokens = reader.get_field("tokenizer.ggml.tokens")
         n_vocab = get(f"{a}.vocab_size", len(tokens.data) if tokens is not None else None)

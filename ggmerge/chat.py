@@ -21,11 +21,17 @@ def chat(gguf: str, message: str, *, system: str = "", max_tokens: int = 64) -> 
     p = Path(gguf)
     if not p.is_file():
         raise GGMergeError("no such GGUF file", path=p)
+    import jinja2
+
     llm = load(p, n_ctx=2048, f32_cache=False, seed=0)
     try:
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": message}]
-        res = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
+        try:
+            res = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
+        except jinja2.TemplateError as exc:  # SecurityError included: the sandbox refused the template
+            raise GGMergeError(f"the GGUF's chat template cannot be rendered: {exc}", path=p,
+                               key="tokenizer.chat_template") from None
     finally:
         llm.close()
     text = res["choices"][0]["message"]["content"]

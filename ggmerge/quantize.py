@@ -225,6 +225,9 @@ def _plan_gguf(path: Path, ft: FileType):
 
 def _open_reader(path: Path) -> gguf.GGUFReader:
     # not ggmerge.sources.gguf.open_reader: that module imports torch (~180 MB, ~1 s) for nothing here
+    from .limits import check_gguf_header
+
+    check_gguf_header(path)  # bound every count and length before gguf-py believes them
     try:
         return gguf.GGUFReader(path, "r")
     except (ValueError, OSError, IndexError, KeyError, TypeError) as exc:
@@ -252,6 +255,8 @@ def _loader(t, shape: tuple[int, ...], path: Path) -> Callable[[], np.ndarray]:
         except NotImplementedError:
             raise GGMergeError(f"cannot decode tensor type {t.tensor_type.name}", path=path,
                                tensor=t.name) from None
+        if not np.isfinite(arr).all():  # the input is at fault: name it, not the output
+            raise GGMergeError("holds NaN or infinite values", path=path, tensor=t.name)
         return arr.reshape(shape)
     return load
 

@@ -50,12 +50,12 @@ class GGUFBuild:
     kvs: list = field(default_factory=list)       # (key, vtype, value, subtype)
     tensors: list = field(default_factory=list)   # (name, ne, ggml_type, data bytes, offset or None)
 
-    def kv(self, key: str, vtype: int, value, sub: int | None = None) -> "GGUFBuild":
+    def kv(self, key: str, vtype: int, value, sub: int | None = None) -> GGUFBuild:
         self.kvs.append((key, vtype, value, sub))
         return self
 
     def tensor(self, name: str, data: np.ndarray | bytes, ggml_type: int = GGML_F32,
-               ne: tuple[int, ...] | None = None, offset: int | None = None) -> "GGUFBuild":
+               ne: tuple[int, ...] | None = None, offset: int | None = None) -> GGUFBuild:
         """Add a tensor; for a numpy array ``ne`` defaults to its shape reversed (ggml order)."""
         if isinstance(data, np.ndarray):
             if ne is None:

@@ -20,18 +20,17 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import badinputs as B
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import badinputs as B
 from ggmerge.atomic import TMP_SUFFIX
 from ggmerge.cli import main
 from ggmerge.errors import GGMergeError
@@ -111,7 +110,7 @@ def run_isolated(argv: list[str], *, mem_bytes: int = 2 << 30, timeout: int = 60
 
     p = subprocess.run([sys.executable, "-c", _CHILD, str(mem_bytes), str(timeout), json.dumps(argv)],
                        capture_output=True, text=True, timeout=timeout + 60, cwd=REPO,
-                       env=env, preexec_fn=pre)
+                       env=env, preexec_fn=pre, check=False)
     escaped = None
     for line in p.stderr.splitlines():
         if line.startswith("ESCAPED "):
@@ -943,7 +942,8 @@ def tiny_tmpfs(tmp_path):
     """A 1 MiB tmpfs (needs root and mount permission; skipped otherwise)."""
     d = tmp_path / "small-disk"
     d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True,
+                       check=False)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
     try:
@@ -996,7 +996,8 @@ def unwritable_dir(tmp_path):
         yield d
         d.chmod(0o700)
         return
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)], capture_output=True,
+                       check=False)
     if r.returncode != 0:
         pytest.skip(f"running as root and cannot mount a read-only tmpfs: {r.stderr.decode().strip()}")
     try:

@@ -208,6 +208,7 @@ def worker(kind: str, n: int, seed: int, outdir: str, precheck: bool) -> dict:
 
     sys.path.insert(0, str(HERE))
     import badinputs as B
+
     from ggmerge.errors import GGMergeError
 
     resource.setrlimit(resource.RLIMIT_AS, (MEM_LIMIT, MEM_LIMIT))
@@ -225,7 +226,8 @@ def worker(kind: str, n: int, seed: int, outdir: str, precheck: bool) -> dict:
 
     # import and warm up everything outside the watchdog (torch alone takes seconds to import), and
     # check that the unmutated files open: the fuzzer mutates files the real path accepts
-    import ggmerge.convert.hparams  # noqa: F401
+    import ggmerge.convert.hparams
+
     import ggmerge.tokenizer.gguf_vocab  # noqa: F401
     for k, base in enumerate(bases):
         ok = out / f"base-{k}{'.gguf' if kind == 'gguf' else '.safetensors'}"
@@ -285,7 +287,7 @@ def run_worker(kind: str, tmp_path: Path, *, precheck: bool = False, n: int = N_
     outdir = tmp_path / f"{kind}-{'pre' if precheck else 'src'}"
     p = subprocess.run(
         [sys.executable, str(Path(__file__)), "worker", kind, str(n), str(seed), str(outdir), str(int(precheck))],
-        capture_output=True, text=True, timeout=600, cwd=HERE.parent)
+        capture_output=True, text=True, timeout=600, cwd=HERE.parent, check=False)
     if p.returncode != 0:
         cur = outdir / "current.json"
         last = cur.read_text() if cur.is_file() else "(unknown)"
@@ -299,9 +301,9 @@ def run_worker(kind: str, tmp_path: Path, *, precheck: bool = False, n: int = N_
 
 
 def _report(stats: dict) -> str:
-    lines = [f"{len(stats['failures'])} failure(s) in {stats['cases']} cases "
-             f"({stats['ok']} opened, {stats['refused']} refused with GGMergeError, {stats['seconds']} s); "
-             "first ones:"]
+    lines = [(f"{len(stats['failures'])} failure(s) in {stats['cases']} cases "
+              f"({stats['ok']} opened, {stats['refused']} refused with GGMergeError, {stats['seconds']} s); "
+              "first ones:")]
     for f in stats["failures"][:12]:
         lines.append(f"  case {f['case']}: {f['error']}\n      mutation: {f['mutation']}\n      file: {f['file']}")
     return "\n".join(lines)
@@ -366,7 +368,7 @@ def _libggml():
         finally:
             lib.gguf_free(ctx)
 
-    accepts._keep = cb  # noqa: SLF001 - keep the callback alive
+    accepts._keep = cb
     return accepts
 
 
@@ -374,6 +376,7 @@ def test_gguf_precheck_agrees_with_llama_cpp(tmp_path):
     """``check_gguf_header`` never refuses a file llama.cpp's gguf reader accepts (it must not lock
     users out of valid files), and accepts the unmutated files llama.cpp accepts."""
     import badinputs as B
+
     from ggmerge.errors import GGMergeError
     from ggmerge.limits import check_gguf_header
 

@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 import badinputs as B
-from ggmerge.atomic import TMP_SUFFIX
+import pytest
 from models import make_tiny_mistral
+
+from ggmerge.atomic import TMP_SUFFIX
 
 REPO = Path(__file__).parent.parent
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ def interrupt_mid_write(proc: subprocess.Popen, final: Path, *, min_bytes: int =
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            out, err = proc.communicate()
+            _, err = proc.communicate()
             pytest.fail(f"the command ended (exit {proc.returncode}) before it could be interrupted "
                         f"mid-write:\n{err[-2000:]}", pytrace=False)
         if _bytes_in(partial) >= min_bytes:
@@ -72,7 +72,7 @@ def interrupt_mid_write(proc: subprocess.Popen, final: Path, *, min_bytes: int =
 
 
 def check_interrupted(proc: subprocess.Popen, final: Path) -> None:
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, f"exit {proc.returncode}, expected 130\n{err[-3000:]}"
     assert "Traceback" not in err, err[-3000:]
     assert "interrupted" in err

@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit
 
 from .ggml_float import GROUP_MAX_EPS, JIT, F32, fp16_store, int8, nearest_int
-from .kquants import QK_K, make_qkx2_quants
+from .kquants import _RMIN_Q5, _TENTH, LANES, QK_K, from_lanes, lane_scratch, make_qkx2_lanes, to_lanes
 
 _ZERO = F32(0.0)
 _ONE = F32(1.0)
@@ -26,150 +26,175 @@ def _pack_2bit(L, qs):
 @njit(**JIT)
 def quantize_q2_k(x, out):
     """quantize_row_q2_K_ref: 16 scale/min nibble pairs, 64 bytes of 2-bit levels, d, dmin."""
+    xt, wt, Lt, Laux, scales, mins, st, flags = lane_scratch(16, LANES)
     L = np.empty(QK_K, np.uint8)
-    Laux = np.empty(16, np.uint8)
-    weights = np.empty(16, np.float32)
-    scales = np.empty(16, np.float32)
-    mins = np.empty(16, np.float32)
-    q4scale = F32(15)
-    for ib in range(x.size // QK_K):
-        xb = x[QK_K * ib:QK_K * (ib + 1)]
-        ob = out[84 * ib:84 * (ib + 1)]
-        max_scale = _ZERO
-        max_min = _ZERO
-        for j in range(16):
-            xs = xb[16 * j:16 * j + 16]
-            for l in range(16):
-                weights[l] = abs(xs[l])
-            s, m = make_qkx2_quants(16, 3, xs, weights, L[16 * j:16 * j + 16], Laux,
-                                    F32(-0.5), F32(0.1), 15, True)
-            scales[j] = s
-            mins[j] = m
-            if s > max_scale:
-                max_scale = s
-            if m > max_min:
-                max_min = m
-        if max_scale > 0:
-            iscale = q4scale / max_scale
-            for j in range(16):
-                ob[j] = nearest_int(iscale * scales[j]) & 0xFF
-            d = fp16_store(ob, 80, max_scale / q4scale)
-        else:
-            for j in range(16):
-                ob[j] = 0
-            d = fp16_store(ob, 80, _ZERO)
-        if max_min > 0:
-            iscale = q4scale / max_min
-            for j in range(16):
-                ob[j] = (ob[j] | (nearest_int(iscale * mins[j]) << 4)) & 0xFF
-            dmin = fp16_store(ob, 82, max_min / q4scale)
-        else:
-            dmin = fp16_store(ob, 82, _ZERO)
-        for j in range(16):
-            dj = d * F32(ob[j] & 0xF)
-            if dj == 0:
-                continue
-            dm = dmin * F32(ob[j] >> 4)
-            for ii in range(16):
-                L[16 * j + ii] = max(0, min(3, nearest_int((xb[16 * j + ii] + dm) / dj)))
-        _pack_2bit(L, ob[16:80])
+    nb = x.size // QK_K
+    for ib0 in range(0, nb, LANES // 16):
+        to_lanes(x, ib0, xt)
+        for i in range(16):
+            for s in range(LANES):
+                wt[i, s] = abs(xt[i, s])
+        make_qkx2_lanes(xt, wt, Lt, Laux, scales, mins, st, flags, 3, _RMIN_Q5, _TENTH, 15, True)
+        for k in range(min(LANES // 16, nb - ib0)):
+            ib = ib0 + k
+            from_lanes(Lt, k, L)
+            _q2_k_block(x[QK_K * ib:QK_K * (ib + 1)], out[84 * ib:84 * (ib + 1)],
+                        scales[16 * k:16 * k + 16], mins[16 * k:16 * k + 16], L)
 
 
 @njit(**JIT)
-def make_q3_quants(n, nmax, x, L):
-    """make_q3_quants(n, nmax, x, L, do_rmse=true): levels + nmax in ``L`` (int8); returns scale.
+def _q2_k_block(xb, ob, scales, mins, L):
+    """quantize_row_q2_K_ref for one super-block after the searches."""
+    q4scale = F32(15)
+    max_scale = _ZERO
+    max_min = _ZERO
+    for j in range(16):
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+    if max_scale > 0:
+        iscale = q4scale / max_scale
+        for j in range(16):
+            ob[j] = nearest_int(iscale * scales[j]) & 0xFF
+        d = fp16_store(ob, 80, max_scale / q4scale)
+    else:
+        for j in range(16):
+            ob[j] = 0
+        d = fp16_store(ob, 80, _ZERO)
+    if max_min > 0:
+        iscale = q4scale / max_min
+        for j in range(16):
+            ob[j] = (ob[j] | (nearest_int(iscale * mins[j]) << 4)) & 0xFF
+        dmin = fp16_store(ob, 82, max_min / q4scale)
+    else:
+        dmin = fp16_store(ob, 82, _ZERO)
+    for j in range(16):
+        dj = d * F32(ob[j] & 0xF)
+        if dj == 0:
+            continue
+        dm = dmin * F32(ob[j] >> 4)
+        for ii in range(16):
+            L[16 * j + ii] = max(0, min(3, nearest_int((xb[16 * j + ii] + dm) / dj)))
+    _pack_2bit(L, ob[16:80])
 
-    The refinement visits the elements one after the other and each accepted change feeds the next.
+
+@njit(**JIT)
+def make_q3_lanes(xt, nmax, L, scale, st):
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) on every column of ``xt`` (n, S): levels + nmax
+    into ``L`` (int8), scales into ``scale``; ``st`` is float32 scratch (>= 4, S).
+
+    Within a lane the refinement visits the elements one after the other and each accepted change
+    feeds the next, as in C. C stops a lane after a pass that changed nothing; such a pass leaves
+    its state as it was, so running further passes on it (while other lanes still change) repeats
+    the same no-op and gives the same result.
     """
-    vmax = _ZERO
-    amax = _ZERO
+    n, S = xt.shape
+    amax, vmax, sumlx, suml2 = st[0], st[1], st[2], st[3]
+    for s in range(S):
+        amax[s] = _ZERO
+        vmax[s] = _ZERO
     for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            vmax = x[i]
-    if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return _ZERO
-    iscale = F32(-nmax) / vmax
-    sumlx = _ZERO
-    suml2 = _ZERO
+        for s in range(S):
+            a = abs(xt[i, s])
+            if a > amax[s]:
+                amax[s] = a
+                vmax[s] = xt[i, s]
+    for s in range(S):
+        vmax[s] = F32(-nmax) / vmax[s]  # now iscale
+        sumlx[s] = _ZERO
+        suml2[s] = _ZERO
     for i in range(n):
-        l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
-        L[i] = l
-        w = x[i] * x[i]
-        fl = F32(l)
-        sumlx += w * x[i] * fl
-        suml2 += w * fl * fl
+        for s in range(S):
+            v = xt[i, s]
+            l = max(-nmax, min(nmax - 1, nearest_int(vmax[s] * v)))
+            L[i, s] = l
+            w = v * v
+            fl = F32(l)
+            sumlx[s] += w * v * fl
+            suml2[s] += w * fl * fl
     for _ in range(5):
         n_changed = 0
         for i in range(n):
-            w = x[i] * x[i]
-            fli = F32(L[i])
-            slx = sumlx - w * x[i] * fli
-            if slx > 0:
-                sl2 = suml2 - w * fli * fli
-                new_l = max(-nmax, min(nmax - 1, nearest_int(x[i] * sl2 / slx)))
-                if new_l != L[i]:
-                    fl = F32(new_l)
-                    slx += w * x[i] * fl
-                    sl2 += w * fl * fl
-                    if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
-                        L[i] = new_l
-                        sumlx = slx
-                        suml2 = sl2
-                        n_changed += 1
+            for s in range(S):
+                v = xt[i, s]
+                w = v * v
+                fli = F32(L[i, s])
+                slx0 = sumlx[s] - w * v * fli
+                sl2 = suml2[s] - w * fli * fli
+                new_l = max(-nmax, min(nmax - 1, nearest_int(v * sl2 / slx0)))
+                fl = F32(new_l)
+                slx = slx0 + w * v * fl
+                sl2 = sl2 + w * fl * fl
+                # C: if (slx > 0) { ... if (new_l != L[i]) { ... if (sl2 > 0 && ...) accept } }
+                if (slx0 > 0 and new_l != L[i, s] and sl2 > 0
+                        and slx * slx * suml2[s] > sumlx[s] * sumlx[s] * sl2):
+                    L[i, s] = new_l
+                    sumlx[s] = slx
+                    suml2[s] = sl2
+                    n_changed += 1
         if n_changed == 0:
             break
-    for i in range(n):
-        L[i] += nmax
-    return sumlx / suml2 if suml2 > 0 else _ZERO
+    for s in range(S):
+        zero = amax[s] < GROUP_MAX_EPS  # C returns early: all zero
+        scale[s] = _ZERO if zero or not suml2[s] > 0 else sumlx[s] / suml2[s]
+        for i in range(n):
+            L[i, s] = 0 if zero else L[i, s] + nmax
 
 
 @njit(**JIT)
 def quantize_q3_k(x, out):
     """quantize_row_q3_K_ref: 32 bytes high-bit mask, 64 bytes of low 2 bits, 12 scale bytes, d."""
+    xt, _, _, _, scales, _, st, _ = lane_scratch(16, LANES)
+    Lt = np.empty((16, LANES), np.int8)
     L = np.empty(QK_K, np.int8)
-    scales = np.empty(16, np.float32)
     lv = np.empty(16, np.int64)
-    for ib in range(x.size // QK_K):
-        xb = x[QK_K * ib:QK_K * (ib + 1)]
-        ob = out[110 * ib:110 * (ib + 1)]
-        max_scale = _ZERO
-        amax = _ZERO
+    nb = x.size // QK_K
+    for ib0 in range(0, nb, LANES // 16):
+        to_lanes(x, ib0, xt)
+        make_q3_lanes(xt, 4, Lt, scales, st)
+        for k in range(min(LANES // 16, nb - ib0)):
+            ib = ib0 + k
+            from_lanes(Lt, k, L)
+            _q3_k_block(x[QK_K * ib:QK_K * (ib + 1)], out[110 * ib:110 * (ib + 1)],
+                        scales[16 * k:16 * k + 16], L, lv)
+
+
+@njit(**JIT)
+def _q3_k_block(xb, ob, scales, L, lv):
+    """quantize_row_q3_K_ref for one super-block after the searches (``lv``: int64 scratch (16))."""
+    max_scale = _ZERO
+    amax = _ZERO
+    for j in range(16):
+        a = abs(scales[j])
+        if a > amax:
+            amax = a
+            max_scale = scales[j]
+    sc = ob[96:108]
+    sc[:] = 0
+    if max_scale != 0:
+        iscale = F32(-32) / max_scale
         for j in range(16):
-            s = make_q3_quants(16, 4, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
-            scales[j] = s
-            a = abs(s)
-            if a > amax:
-                amax = a
-                max_scale = s
-        sc = ob[96:108]
-        sc[:] = 0
-        if max_scale != 0:
-            iscale = F32(-32) / max_scale
-            for j in range(16):
-                lv[j] = max(-32, min(31, int8(nearest_int(iscale * scales[j])))) + 32
-                if j < 8:
-                    sc[j] = lv[j] & 0xF
-                else:
-                    sc[j - 8] |= (lv[j] & 0xF) << 4
-                sc[j % 4 + 8] |= (lv[j] >> 4) << (2 * (j // 4))
-            d = fp16_store(ob, 108, _ONE / iscale)
-        else:
-            lv[:] = 0
-            d = fp16_store(ob, 108, _ZERO)
-        for j in range(16):
-            dj = d * F32(lv[j] - 32)  # the scale read back from the packed bytes
-            if dj == 0:
-                continue
-            for ii in range(16):
-                L[16 * j + ii] = max(-4, min(3, nearest_int(xb[16 * j + ii] / dj))) + 4
-        hmask = ob[0:32]
-        hmask[:] = 0
-        for j in range(QK_K):
-            if L[j] > 3:
-                hmask[j % 32] |= 1 << (j // 32)
-                L[j] -= 4
-        _pack_2bit(L, ob[32:96])
+            lv[j] = max(-32, min(31, int8(nearest_int(iscale * scales[j])))) + 32
+            if j < 8:
+                sc[j] = lv[j] & 0xF
+            else:
+                sc[j - 8] |= (lv[j] & 0xF) << 4
+            sc[j % 4 + 8] |= (lv[j] >> 4) << (2 * (j // 4))
+        d = fp16_store(ob, 108, _ONE / iscale)
+    else:
+        lv[:] = 0
+        d = fp16_store(ob, 108, _ZERO)
+    for j in range(16):
+        dj = d * F32(lv[j] - 32)  # the scale read back from the packed bytes
+        if dj == 0:
+            continue
+        for ii in range(16):
+            L[16 * j + ii] = max(-4, min(3, nearest_int(xb[16 * j + ii] / dj))) + 4
+    hmask = ob[0:32]
+    hmask[:] = 0
+    for j in range(QK_K):
+        if L[j] > 3:
+            hmask[j % 32] |= 1 << (j // 32)
+            L[j] -= 4
+    _pack_2bit(L, ob[32:96])

@@ -372,7 +372,7 @@ def _check_value(k: str, v, ctx: _Ctx, node) -> None:
     try:
         validate(v, key=k, kind=PARAM_KINDS.get(k))
     except GGMergeError as exc:
-        raise ctx.err(f"parameter '{k}': {exc.message}", node, k) from None
+        raise ctx.err(exc.message, node, k) from None  # the message already names the parameter
     if isinstance(v, list) and not v:
         raise ctx.err(f"parameter '{k}' is an empty list", node, k)
     if isinstance(v, list):
@@ -435,6 +435,12 @@ def _toposort(order: list[Stage], by_name: dict, output: Stage, ctx: _Ctx) -> li
         state[id(st)] = "active"
         for ref in st.inputs() + ([st.tokenizer_source] if st.tokenizer_source not in (None, "union", "base") else []):
             dep = _stage_lookup(by_name, ref)
+            if dep is None and ref.startswith("./") and not (ctx.path.parent / ref).exists():
+                # './chatvec-1' for a stage named 'chatvec1': neither a stage nor a folder
+                hint = did_you_mean(ref[2:], by_name)
+                if hint:
+                    raise GGMergeError(f"'{ref}' is neither a stage nor a folder{hint}", path=ctx.path,
+                                       line=st.line, key=ref)
             if dep is not None:
                 visit(dep, chain + [st.label])
         state[id(st)] = "done"

@@ -1,7 +1,11 @@
 """GGUF files (F32/F16/BF16 or any type gguf-py dequantizes) as sources of float32 HF tensors.
 
-``gguf.GGUFReader`` memory-maps the file and hands out views of each tensor's bytes, so a tensor is
-read and dequantized only when it is loaded. Names are mapped back to Hugging Face names with
+``gguf.GGUFReader`` parses the header (metadata, tensor names, types, offsets) through its memory map;
+tensor bytes are read with plain ``readinto`` calls into a fresh buffer when a tensor is loaded, then
+dequantized. Not through the map: pages of a mapped file, once touched, count in the resident set
+until the mapping goes away, so dequantizing a whole model from the map would make peak RSS grow to
+the file's size; read into a buffer, the bytes live in the page cache (not RSS) and in memory only
+while the tensor does. Names are mapped back to Hugging Face names with
 ``ggmerge.arch.llama``; shapes are reported in HF order (GGUF lists ``ne0`` — the row length — first);
 Q and K are un-permuted from llama.cpp's interleaved RoPE layout (the inverse of
 ``convert_hf_to_gguf.py``'s ``LlamaModel.permute``) using the head counts stored in the file.
@@ -48,6 +52,9 @@ def dequantizable(qtype: gguf.GGMLQuantizationType) -> bool:
 
 def open_reader(path: Path) -> gguf.GGUFReader:
     """``GGUFReader`` with its failures (bad magic, truncation, unknown types) as one GGMergeError."""
+    from ..limits import check_gguf_header
+
+    check_gguf_header(path)  # bound every count and length before gguf-py believes them
     try:
         return gguf.GGUFReader(path, "r")
     except FileNotFoundError:
@@ -95,6 +102,7 @@ class GGUFSource:
         self._config: dict | None = None
         self._vocab = None
         self._tokdir: Path | None = None
+        self._file = None  # unbuffered reader of tensor bytes, opened on the first load
         self._cleanup: weakref.finalize | None = None
 
     def _head_counts(self) -> dict:
@@ -135,19 +143,47 @@ class GGUFSource:
     def dtype(self, name: str) -> str:
         return self._get(name).tensor_type.name
 
+    def _read(self, t) -> np.ndarray:
+        """A copy of ``t.data`` (same dtype, byte order and shape) read from the file, not the map."""
+        out = np.empty(t.data.shape, dtype=t.data.dtype)  # metadata of the view only: no page touched
+        if out.nbytes != int(t.n_bytes):
+            raise GGMergeError(f"tensor data is {out.nbytes} bytes, expected {int(t.n_bytes)}",
+                               path=self.path, tensor=t.name)
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        try:
+            if self._file is None:
+                self._file = open(self.path, "rb", buffering=0)
+            self._file.seek(int(t.data_offset))
+            done = 0
+            while done < out.nbytes:  # a raw read may return less than asked (e.g. > 2 GB on Linux)
+                k = self._file.readinto(buf[done:])
+                if not k:
+                    raise GGMergeError("the file ends inside this tensor's data (truncated?)",
+                                       path=self.path, tensor=t.name)
+                done += k
+        except OSError as exc:
+            raise GGMergeError(f"cannot read tensor: {exc.strerror or exc}", path=self.path,
+                               tensor=t.name) from None
+        return out
+
     def load(self, name: str) -> torch.Tensor:
         t = self._get(name)
+        data = self._read(t)
         try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            arr = gguf.quants.dequantize(data, t.tensor_type)
         except Exception as exc:  # noqa: BLE001 - a codec failure on this tensor's bytes
             raise GGMergeError(f"cannot dequantize {t.tensor_type.name}: {exc}",
                                path=self.path, tensor=t.name) from None
-        # F32 comes back as a read-only view of the memory map: copy it (and anything not plain C f32)
+        # F32 comes back as the read buffer itself (ours, writable); copy anything not plain C float32
         if arr.dtype != np.float32 or not arr.flags.writeable or not arr.flags.c_contiguous:
             arr = np.array(arr, dtype=np.float32, order="C")
         w = torch.from_numpy(arr.reshape(self.shape(name)))
         n_head = llama.heads_for_permute(name, self._heads)
         if n_head is not None:
+            if n_head <= 0 or w.shape[0] % (2 * n_head):
+                raise GGMergeError(f"{w.shape[0]} rows cannot be split into {n_head} RoPE heads of even size; "
+                                   "the head count in the metadata does not fit this tensor",
+                                   path=self.path, tensor=t.name, key=f"{llama.GGUF_ARCH}.attention.head_count")
             w = llama.unpermute(w, n_head)
         return w
 
@@ -176,7 +212,12 @@ class GGUFSource:
         if self._vocab is None and field(self.reader, "tokenizer.ggml.tokens") is not None:
             from ..tokenizer.gguf_vocab import read_gguf
 
-            self._vocab = read_gguf(self.reader)
+            try:
+                self._vocab = read_gguf(self.reader)
+            except GGMergeError as exc:
+                if exc.path is None:
+                    exc.path = self.path
+                raise
         return self._vocab
 
     def tokenizer_dir(self) -> Path | None:
@@ -205,6 +246,9 @@ class GGUFSource:
         self._tokdir = None
         self._tensors = {}
         self.reader = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> "GGUFSource":
         return self

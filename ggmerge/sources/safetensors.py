@@ -1,15 +1,21 @@
 """HF model folders (one or many ``.safetensors`` shards) and single ``.safetensors`` files as sources.
 
-Tensors are read lazily through ``safetensors.safe_open``, which memory-maps each shard: loading one
-tensor touches only that tensor's bytes. Every shard header is read at open time so that a broken
-checkpoint (a truncated file, an index naming a missing shard or tensor, a tensor stored twice) is
-reported before any merge work starts, naming the file and the tensor.
+Each shard is checked by ``safetensors.safe_open`` (its header validation and its errors), but tensor
+bytes are read with plain ``readinto`` calls at the header's offsets into a fresh buffer, not through
+safe_open's memory map: pages of a mapped file that have been touched count in the process's resident
+set until the mapping goes away, so reading a whole model through the map makes peak RSS grow to the
+size of every input, although each tensor is dropped after use. Read into a buffer, a tensor's bytes
+live in the page cache (reclaimable, not RSS) and in memory only while the tensor does.
+Every shard header is read at open time so that a broken checkpoint (a truncated file, an index naming
+a missing shard or tensor, a tensor stored twice) is reported before any merge work starts, naming the
+file and the tensor.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -26,44 +32,36 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 #: safetensors refuses headers above 100 MB; so do we, before reading one into memory
 MAX_HEADER = 100_000_000
 
+#: safetensors dtype -> torch dtype, for the types read straight into a torch buffer (every type torch
+#: has); the rest (sub-byte floats) go through safe_open's own reader
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                 "U8": torch.uint8, "BOOL": torch.bool}
+for _st, _pt in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
+                 ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _pt):
+        _TORCH_DTYPES[_st] = getattr(torch, _pt)
+
 
 def _read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, checked against the file size.
+    """The JSON header of a safetensors file, checked against the file size."""
+    return _read_header_at(path)[0]
 
-    safetensors' own error for a truncated file does not say which file; a model folder has many,
-    so we check the layout here (8-byte little-endian length, JSON, then data) and name the file.
+
+def _read_header_at(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file, checked against the file size, and the file offset
+    where its data section starts (tensor ``data_offsets`` count from there).
+
+    Every entry is checked against the file by :func:`ggmerge.limits.check_safetensors_header` (known
+    dtype, shape × dtype size = byte span, spans inside the file, no overlaps), which names the file
+    and tensor — safetensors' own errors name neither.
     """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise GGMergeError("not a safetensors file (shorter than its 8-byte header length)", path=path)
-            n = int.from_bytes(head, "little")
-            if n <= 0 or 8 + n > size or n > MAX_HEADER:
-                raise GGMergeError(
-                    f"not a valid safetensors file (header length {n} does not fit in {size} bytes; "
-                    "truncated or not safetensors)", path=path)
-            header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise GGMergeError(f"not a valid safetensors file (header is not JSON: {exc})", path=path) from None
-    except OSError as exc:
-        raise GGMergeError(f"cannot read: {exc.strerror or exc}", path=path) from None
-    if not isinstance(header, dict):
-        raise GGMergeError("not a valid safetensors file (header is not a JSON object)", path=path)
-    data_len = size - 8 - n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise GGMergeError("malformed safetensors header entry", path=path, tensor=name) from None
-        if end > data_len or begin > end:
-            raise GGMergeError(
-                f"tensor data [{begin}, {end}) lies beyond the end of the file ({data_len} data bytes): "
-                "the file is truncated", path=path, tensor=name)
-    return header
+    from ..limits import check_safetensors_header
+
+    header = check_safetensors_header(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")  # already validated above
+    return header, 8 + n
 
 
 class SafetensorsSource:
@@ -77,6 +75,7 @@ class SafetensorsSource:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._headers: dict[Path, dict] = {}
+        self._data_start: dict[Path, int] = {}
         if self.path.is_file():
             self.folder = self.path.parent
             shard_of = {n: self.path for n in self._tensor_names(self.path)}
@@ -85,8 +84,10 @@ class SafetensorsSource:
             shard_of = self._scan_folder()
         else:
             raise GGMergeError("no such file or folder", path=self.path)
-        # shard -> open safe_open handle; opened lazily, kept until close()
+        # shard -> open safe_open handle (validation, and the reader of exotic dtypes) and unbuffered
+        # file object (the reader of tensor bytes); both opened lazily, kept until close()
         self._handles: dict[Path, object] = {}
+        self._files: dict[Path, object] = {}
         self._shard_of: dict[str, Path] = {}
         for name, shard in shard_of.items():
             if any(rx.match(name) for rx in llama.IGNORED):
@@ -99,7 +100,7 @@ class SafetensorsSource:
 
     # -- opening ---------------------------------------------------------------------------------
     def _tensor_names(self, shard: Path) -> list[str]:
-        header = _read_header(shard)
+        header, self._data_start[shard] = _read_header_at(shard)
         self._headers[shard] = header
         return [k for k in header if k != "__metadata__"]
 
@@ -193,8 +194,45 @@ class SafetensorsSource:
         return self._shard_of[name]
 
     def load(self, name: str) -> torch.Tensor:
-        self._info(name)
+        info = self._info(name)
         shard = self._shard_of[name]
+        self._handle(shard)  # safe_open validates the whole header once per shard (and names the file)
+        dtype = _TORCH_DTYPES.get(str(info["dtype"]).upper())
+        if dtype is None or sys.byteorder != "little":
+            return self._load_mapped(shard, name)
+        try:
+            t = self._read(shard, info, dtype)
+        except OSError as exc:
+            raise GGMergeError(f"cannot read tensor: {exc.strerror or exc}", path=shard, tensor=name) from None
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            raise GGMergeError(f"cannot read tensor: {exc}", path=shard, tensor=name) from None
+        # the buffer is ours alone, so an F32 tensor needs no defensive copy
+        return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+    def _read(self, shard: Path, info: dict, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor's bytes read (not mapped) from ``shard`` into a new tensor of ``dtype``."""
+        begin, end = (int(x) for x in info["data_offsets"])
+        t = torch.empty([int(d) for d in info["shape"]], dtype=dtype)
+        nbytes = t.numel() * t.element_size()
+        if nbytes != end - begin:  # safe_open refuses such a header already; never read a wrong span
+            raise ValueError(f"{info['dtype']} {info['shape']} needs {nbytes} bytes, data_offsets span {end - begin}")
+        if nbytes == 0:
+            return t
+        buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = open(shard, "rb", buffering=0)
+        f.seek(self._data_start[shard] + begin)
+        done = 0
+        while done < nbytes:  # a raw read may return less than asked (e.g. > 2 GB on Linux)
+            k = f.readinto(buf[done:])
+            if not k:
+                raise OSError(f"the file ends {nbytes - done} bytes before the tensor does (changed while open?)")
+            done += k
+        return t
+
+    def _load_mapped(self, shard: Path, name: str) -> torch.Tensor:
+        """safe_open's own reader, through its memory map: for dtypes torch has no buffer type for."""
         try:
             t = self._handle(shard).get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -228,6 +266,9 @@ class SafetensorsSource:
 
     def close(self) -> None:
         self._handles.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def __enter__(self) -> "SafetensorsSource":
         return self

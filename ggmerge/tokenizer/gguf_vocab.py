@@ -107,11 +107,19 @@ def read_gguf(reader: gguf.GGUFReader) -> Vocab:
         raise GGMergeError(f"tokenizer model '{model}' is not supported (expected one of {MODELS})",
                            key="tokenizer.ggml.model")
     tokens = _get(reader, "tokenizer.ggml.tokens")
-    if not tokens:
+    if not tokens or not isinstance(tokens, list):
         raise GGMergeError("GGUF has no token list", key="tokenizer.ggml.tokens")
     n = len(tokens)
     scores = _get(reader, "tokenizer.ggml.scores") or [0.0] * n
     types = _get(reader, "tokenizer.ggml.token_type") or [int(gguf.TokenType.NORMAL)] * n
+    # a damaged or hostile file may store any type under these keys
+    for key, values, kind in (("tokens", tokens, str), ("scores", scores, (int, float)),
+                              ("token_type", types, int)):
+        if not isinstance(values, list):
+            raise GGMergeError(f"must be an array, got {type(values).__name__}", key=f"tokenizer.ggml.{key}")
+        bad = next((v for v in values if not isinstance(v, kind) or isinstance(v, bool)), None)
+        if bad is not None:
+            raise GGMergeError(f"holds {bad!r}, not the expected type", key=f"tokenizer.ggml.{key}")
     if len(scores) != n or len(types) != n:
         raise GGMergeError(f"vocabulary lists disagree: {n} tokens, {len(scores)} scores, {len(types)} types",
                            key="tokenizer.ggml.tokens")

@@ -125,7 +125,9 @@ class HFWriter:
             self.tmp.mkdir(parents=True)
         except OSError as exc:
             self.abort()
-            raise GGMergeError(f"cannot create the output folder: {exc.strerror or exc}", path=self.tmp) from None
+            from ..atomic import _explain
+
+            raise _explain(exc, self.folder) from None
         self._shards: list[_Shard] = []
         self._cur: _Shard | None = None
         self._names: set[str] = set()
