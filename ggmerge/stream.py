@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Iterator
-
 import torch
 
 from .errors import GGMergeError
@@ -48,10 +46,6 @@ class Evaluator:
             return self._value(out, name)
         finally:
             self._cache.clear()
-
-    def tensors(self) -> Iterator[tuple[TensorJob, torch.Tensor]]:
-        for job in self.output_jobs():
-            yield job, self.tensor(job.name)
 
     # -- graph walk ---------------------------------------------------------------------------
     def _stage_info(self, ref: str) -> StageInfo | None:

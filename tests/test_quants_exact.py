@@ -14,7 +14,7 @@ import ggml_ref  # noqa: E402  (tests/ is on sys.path under pytest)
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from ggmerge.convert.quants import block_info, can_quantize, dequantize, quantize  # noqa: E402
-from ggmerge.convert.quants.ggml_float import F32, fp16_bits, nearest_int, seq_sum  # noqa: E402
+from ggmerge.convert.quants.ggml_float import fp16_value, nearest_int  # noqa: E402
 from ggmerge.errors import GGMergeError  # noqa: E402
 
 K_TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -213,29 +213,26 @@ def test_float_types_keep_nan_and_inf_like_ggml():
 
 # The float32 primitives the codecs are built on, each against what C does.
 
-def test_fp16_bits_matches_ggml_on_random_bit_patterns():
+def test_fp16_conversion_matches_ggml_on_random_bit_patterns():
+    """The fp16 store every block type uses for its scales, through F16 (its one other user)."""
     v = _rng(6).integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
-    ref = ggml_ref.ref_quantize(v[None, :], Q.F16).view(np.uint16)[0]
-    np.testing.assert_array_equal(fp16_bits(v), ref)
+    _assert_same(quantize(v[None, :], Q.F16), ggml_ref.ref_quantize(v[None, :], Q.F16), "F16")
+
+
+def test_fp16_value_matches_ggml_on_every_half():
+    """fp16_value (GGML_FP16_TO_FP32, read back for the final levels) on all 65536 patterns."""
+    halves = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    ref = ggml_ref.ref_dequantize(halves.view(np.uint8)[None, :], Q.F16)[0]
+    ours = np.array([fp16_value(int(h)) for h in halves], dtype=np.float32)
+    np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))
 
 
 def test_nearest_int_is_ggml_bit_trick():
     v = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 4194303.0, 5e6, -5e6, 1e30, np.inf, np.nan], np.float32)
-    with np.errstate(invalid="ignore"):
-        got = nearest_int(v)
+    got = np.array([nearest_int(f) for f in v])
     # round half to even inside |v| < 2**22 ...
     np.testing.assert_array_equal(got[:6], [0, 2, 2, 0, -2, 4194303])
     # ... and the C trick's own answers beyond (float add of 1.5*2**23, low 23 mantissa bits)
-    t = (v[6:] + np.float32(12582912.0)).view(np.int32)
+    with np.errstate(invalid="ignore"):
+        t = (v[6:] + np.float32(12582912.0)).view(np.int32)
     np.testing.assert_array_equal(got[6:], (t & 0x7FFFFF) - 0x400000)
-
-
-@pytest.mark.parametrize("width", [1, 2, 7, 8, 9, 100, 4099])
-def test_seq_sum_is_c_order(width):
-    a = (_rng(width).standard_normal((32, width)) * 10.0 ** _rng(7).uniform(-5, 5, (32, width)))
-    a = a.astype(np.float32)
-    acc = np.zeros(width, np.float32)
-    for row in a:
-        acc = (acc + row).astype(np.float32)
-    np.testing.assert_array_equal(seq_sum(a).view(np.int32), acc.view(np.int32))
-    assert seq_sum(a).dtype == F32

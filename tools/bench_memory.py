@@ -12,8 +12,8 @@ largest tensor (the embedding) is ~1/15 of it:
 Each pass runs in its own subprocess, so its ``ru_maxrss`` (from ``os.wait4``) is its own; RssAnon and
 RssFile of the child are also sampled from /proc every 20 ms to show whether the peak is heap (tensors
 in flight) or file-backed pages of memory-mapped inputs. The import baseline is the peak of a
-subprocess that only imports what the pass imports (python + ggmerge, with or without torch). The
-table is printed and written into BENCHMARKS.md's ``## Memory`` section.
+subprocess that only imports every module the pass imported (torch, numba, tokenizer libraries, …):
+what any run pays whatever the model size. The table is printed and written into BENCHMARKS.md's ``## Memory`` section.
 
     python tools/bench_memory.py                 # ~1 GB model, ~10 minutes on 2 cores
     python tools/bench_memory.py --size small    # ~250 MB model, a couple of minutes
@@ -103,6 +103,7 @@ def write_streaming(folder: Path, cfg: dict, role: str, delta: float) -> Path:
 
     if (folder / "config.json").is_file():
         return folder
+    print(f"  generating {folder}", flush=True)
     shapes = tensor_shapes(cfg)
     entries, off = [], 0
     for name, shape in shapes.items():
@@ -139,7 +140,6 @@ def make_inputs(work: Path, size: Size) -> dict:
     big = work / "big"
     cfg = config(**size.big)
     for role, delta in BIG_ROLES:
-        print(f"  generating {big / 'models' / role}", flush=True)
         write_streaming(big / "models" / role, cfg, role, delta)
     (big / "task3.yaml").write_text(TASK3)
     seed = work / "seed"
@@ -179,21 +179,25 @@ def gguf_stats(path: Path) -> tuple[int, int]:
 
 # --- measuring one subprocess ---------------------------------------------------------------------
 
-#: runs the ggmerge CLI, then reports whether torch was imported (which baseline applies)
+#: runs the ggmerge CLI, then records every module the run imported (the baseline imports the same)
 DRIVER = """\
-import sys
+import json, sys
 from ggmerge.cli import main
 rc = main(sys.argv[2:])
-open(sys.argv[1], "w").write("torch" if "torch" in sys.modules else "")
+json.dump([m for m in sys.modules if m != "__main__"], open(sys.argv[1], "w"))
 sys.exit(rc)
 """
 
-BASELINES = {
-    "python + ggmerge": "import gguf, numpy, rich.logging, ggmerge.cli, ggmerge.quantize, ggmerge.convert.gguf_out",
-    "python + torch + ggmerge": "import torch, gguf, numpy, safetensors, rich.logging, ggmerge.cli, "
-                                "ggmerge.build, ggmerge.quantize, ggmerge.convert, ggmerge.convert.hf_to_gguf, "
-                                "ggmerge.convert.gguf_to_hf, ggmerge.stream, ggmerge.writers.hf, ggmerge.sources",
-}
+#: imports the given modules, in the order the run imported them, and does nothing else
+IMPORTS_ONLY = """\
+import importlib, json, sys
+for m in json.load(open(sys.argv[1])):
+    if m not in sys.modules:
+        try:
+            importlib.import_module(m)
+        except BaseException:  # noqa: BLE001 - a module only importable in its original context
+            pass
+"""
 
 
 class Sampler(threading.Thread):
@@ -238,14 +242,18 @@ def measure(argv: list[str], cwd: Path | None = None) -> dict:
 
 
 def run_ggmerge(args: list[str], cwd: Path | None = None) -> dict:
-    with tempfile.NamedTemporaryFile("r", suffix=".torch") as flag:
-        m = measure([sys.executable, "-c", DRIVER, flag.name, "-q", *map(str, args)], cwd)
-        m["torch"] = open(flag.name).read() == "torch"
+    """Measure one ggmerge CLI run, then its import baseline: a subprocess importing the same modules."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as mods:
+        m = measure([sys.executable, "-c", DRIVER, mods.name, "-q", *map(str, args)], cwd)
+        b = measure([sys.executable, "-c", IMPORTS_ONLY, mods.name], cwd)
+        m["torch"] = "torch" in json.load(open(mods.name))
+    m["baseline"] = b["maxrss"]
     return m
 
 
-def baselines() -> dict[str, dict]:
-    return {k: measure([sys.executable, "-c", code]) for k, code in BASELINES.items()}
+def torch_baseline() -> int:
+    """Peak RSS of python importing torch and nothing else (for reference)."""
+    return measure([sys.executable, "-c", "import torch"])["maxrss"]
 
 
 # --- the passes ----------------------------------------------------------------------------------
@@ -274,7 +282,7 @@ def passes(work: Path, inputs: dict, skip: set[str]) -> list[dict]:
         rows.append(dict(label=label, cmd="ggmerge " + " ".join(map(str, cmd)), model=model_bytes,
                          largest=largest, inputs=n_inputs, **m))
         print(f"    peak RSS {m['maxrss'] / MB:.0f} MB (anon {m['anon'] / MB:.0f}, file {m['file'] / MB:.0f}), "
-              f"{m['wall']:.1f} s", flush=True)
+              f"import baseline {m['baseline'] / MB:.0f} MB, {m['wall']:.1f} s", flush=True)
 
     row("convert", "convert HF → BF16 GGUF", ["convert", models / "base", "-o", x, "--outtype", "bf16", "--force"],
         base_bytes, base_largest, 1)
@@ -289,12 +297,12 @@ def passes(work: Path, inputs: dict, skip: set[str]) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], base: dict[str, dict]) -> str:
+def table(rows: list[dict]) -> str:
     lines = ["| pass | model size | largest tensor | inputs | peak RSS | of which anon / file | baseline "
              "| peak − baseline | ÷ largest tensor | ÷ (largest × inputs) | wall |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        b = base["python + torch + ggmerge" if r["torch"] else "python + ggmerge"]["maxrss"]
+        b = r["baseline"]
         extra = r["maxrss"] - b
         lines.append(
             f"| {r['label']} | {r['model'] / MB:,.0f} MB | {r['largest'] / MB:.1f} MB | {r['inputs']} "
@@ -327,10 +335,9 @@ def main() -> None:
     work = a.work / a.size
     print(f"models in {work}", flush=True)
     inputs = make_inputs(work, SIZES[a.size])
-    print("import baselines …", flush=True)
-    base = baselines()
+    base = torch_baseline()
     rows = passes(work, inputs, set(a.skip))
-    tab = table(rows, base)
+    tab = table(rows)
     print(tab)
     if a.no_write:
         return
@@ -342,8 +349,8 @@ def main() -> None:
 
 Each pass runs in its own subprocess; **peak RSS** is its `ru_maxrss` (what the kernel reports, file-backed
 pages of memory-mapped files included), split into anonymous (heap, tensors) and file-backed pages by
-sampling `/proc/PID/status` every 20 ms. **Baseline** is the peak of a subprocess that only imports what
-the pass imports ({'; '.join(f"{k}: {v['maxrss'] / MB:.0f} MB" for k, v in base.items())}). Models are
+sampling `/proc/PID/status` every 20 ms. **Baseline** is the peak of a subprocess that only imports every
+module the pass imported, in the same order (python + `import torch` alone: {base / MB:.0f} MB). Models are
 deterministic random HF Mistral-shaped bf16 checkpoints generated by the script ({json.dumps(SIZES[a.size].big)};
 the seed recipe's eight models: {json.dumps(SIZES[a.size].seed)}, vocab 32000 for both). For GGUF inputs,
 "model size" and "largest tensor" are of the GGUF file's tensors.

@@ -301,23 +301,16 @@ def _q45_k_scales(xb, ob, scales, mins, nmax, L, ls, lm):
 
 @njit(**JIT)
 def _pack_q5(L, ob):
-    """Q5_K's 32 bytes of 5th bits and 128 bytes of low nibbles."""
+    """Q5_K's 32 bytes of 5th bits and 128 bytes of low nibbles (C: ``if (l > 15) { l -= 16;
+    qh[j] |= m; }`` for levels 0..31, i.e. bit 4 moves to qh)."""
     for j in range(32):
-        ob[16 + j] = 0
-    for k in range(4):
-        m1 = 1 << (2 * k)
-        for j in range(32):
-            l1 = np.int64(L[64 * k + j])
-            l2 = np.int64(L[64 * k + 32 + j])
-            hb = 0
-            if l1 > 15:
-                l1 -= 16
-                hb |= m1
-            if l2 > 15:
-                l2 -= 16
-                hb |= m1 << 1
-            ob[16 + j] |= hb
-            ob[48 + 32 * k + j] = l1 | (l2 << 4)
+        h = 0
+        for k in range(4):
+            l1 = L[64 * k + j]
+            l2 = L[64 * k + 32 + j]
+            h |= ((l1 >> 4) << (2 * k)) | ((l2 >> 4) << (2 * k + 1))
+            ob[48 + 32 * k + j] = (l1 & 0xF) | ((l2 & 0xF) << 4)
+        ob[16 + j] = h
 
 
 @njit(**JIT)

@@ -127,12 +127,13 @@ def make_q3_lanes(xt, nmax, L, scale, st):
                 slx = slx0 + w * v * fl
                 sl2 = sl2 + w * fl * fl
                 # C: if (slx > 0) { ... if (new_l != L[i]) { ... if (sl2 > 0 && ...) accept } }
-                if (slx0 > 0 and new_l != L[i, s] and sl2 > 0
-                        and slx * slx * suml2[s] > sumlx[s] * sumlx[s] * sl2):
-                    L[i, s] = new_l
-                    sumlx[s] = slx
-                    suml2[s] = sl2
-                    n_changed += 1
+                # (all of it computed, then kept or not: no branches in the lane loop)
+                acc = ((slx0 > 0) & (new_l != L[i, s]) & (sl2 > 0)
+                       & (slx * slx * suml2[s] > sumlx[s] * sumlx[s] * sl2))
+                L[i, s] = new_l if acc else L[i, s]
+                sumlx[s] = slx if acc else sumlx[s]
+                suml2[s] = sl2 if acc else suml2[s]
+                n_changed += acc
         if n_changed == 0:
             break
     for s in range(S):
@@ -191,10 +192,11 @@ def _q3_k_block(xb, ob, scales, L, lv):
             continue
         for ii in range(16):
             L[16 * j + ii] = max(-4, min(3, nearest_int(xb[16 * j + ii] / dj))) + 4
-    hmask = ob[0:32]
-    hmask[:] = 0
-    for j in range(QK_K):
-        if L[j] > 3:
-            hmask[j % 32] |= 1 << (j // 32)
-            L[j] -= 4
+    # hmask: bit b of byte m is the high bit of level 32*b + m, which is then dropped
+    for m in range(32):
+        h = 0
+        for b in range(8):
+            h |= (L[32 * b + m] >> 2) << b
+            L[32 * b + m] &= 3
+        ob[m] = h
     _pack_2bit(L, ob[32:96])
