@@ -79,25 +79,40 @@ def generalized_task_arithmetic(
     if not models:
         return base.clone()
     rescale = bool(params["rescale"])
-    deltas = torch.empty((len(models), *base.shape), dtype=base.dtype)
-    for i, (model, p) in enumerate(zip(models, model_params)):
+    weights_f = [float(p["weight"]) for p in model_params]
+
+    def weighted_delta(model: torch.Tensor, p: dict[str, Any], w: float) -> torch.Tensor:
         delta = model - base
         if sparsify is not None:
             delta = SPARSIFIERS[sparsify](delta, p, rescale, gen)
-        deltas[i] = delta
-    weights = torch.tensor([float(p["weight"]) for p in model_params], dtype=base.dtype)
-    weights = weights.reshape(len(models), *([1] * base.dim()))
-    deltas.mul_(weights)
+        # w rounded to the tensor's dtype first, exactly like mergekit's weight tensor
+        return delta.mul_(torch.tensor(w, dtype=delta.dtype))
 
-    if consensus is not None:
+    if consensus is None or len(models) == 1:
+        # No stacked [models, ...] tensor: accumulate in model order. torch's sum over dim 0 of the
+        # stack adds the rows in the same order, so the bits are the same, at a fraction of the memory.
+        mixed = None
+        for model, p, w in zip(models, model_params, weights_f):
+            d = weighted_delta(model, p, w)
+            mixed = d if mixed is None else mixed.add_(d)
+        if consensus is None:
+            divisor = torch.tensor(weights_f, dtype=base.dtype).sum()
+            if divisor.abs() < 1e-8:
+                divisor = torch.ones((), dtype=base.dtype)
+        else:
+            # one model: the elected sign is its own, so every non-zero entry takes part and a zero
+            # entry (sign 0 never equals the elected ±1) gets divisor 1 (mergekit get_mask)
+            divisor = torch.where(mixed != 0, torch.tensor(weights_f[0], dtype=base.dtype),
+                                  torch.ones((), dtype=base.dtype)) if params["normalize"] else None
+    else:
+        deltas = torch.empty((len(models), *base.shape), dtype=base.dtype)
+        for i, (model, p, w) in enumerate(zip(models, model_params, weights_f)):
+            deltas[i] = weighted_delta(model, p, w)
+        weights = torch.tensor(weights_f, dtype=base.dtype).reshape(len(models), *([1] * base.dim()))
         mask = consensus_mask(deltas, consensus)
         mixed = (deltas * mask).sum(dim=0)
         divisor = (weights * mask).sum(dim=0)
         divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
 
     if params["normalize"]:
         mixed /= divisor

@@ -48,11 +48,9 @@ def ensure_mergekit(cache: Path = CACHE) -> Path:
         subprocess.run([str(bin_ / "python"), "-m", "pip", "install", *MERGEKIT_PINS], check=True,
                        stdout=pip_log, stderr=subprocess.STDOUT)
     # torch==2.13.0 must resolve to the local CPU wheel; a CUDA build would drag in nvidia-* (GBs)
-    probe = subprocess.run(
-        [str(bin_ / "python"), "-c",
-         "import torch, importlib.metadata as m, json; print(json.dumps([torch.__version__, "
-         "sorted(d.metadata['Name'] for d in m.distributions() if d.metadata['Name'].lower().startswith('nvidia'))]))"],
-        check=True, capture_output=True, text=True)
+    code = ("import torch, importlib.metadata as m, json; print(json.dumps([torch.__version__, "
+            "sorted(d.metadata['Name'] for d in m.distributions() if d.metadata['Name'].lower().startswith('nvidia'))]))")
+    probe = subprocess.run([str(bin_ / "python"), "-c", code], check=True, capture_output=True, text=True)
     torch_version, nvidia = json.loads(probe.stdout)
     if nvidia or "+cpu" not in torch_version:
         raise SystemExit(f"{venv}: got torch {torch_version} with {nvidia}; expected the CPU wheel only")

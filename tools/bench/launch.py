@@ -17,7 +17,6 @@ Fields: ``wall`` s, ``cpu`` s (user+sys), ``user``, ``sys``, ``maxrss`` bytes, `
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys

@@ -23,7 +23,6 @@ import logging
 import shutil
 import struct
 import sys
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -216,7 +215,7 @@ class ShardedWriter:
                 off += sizes[i]
             hb = json.dumps(header, separators=(",", ":")).encode()
             hb += b" " * (-len(hb) % 8)
-            f = open(folder / fname, "wb")
+            f = open(folder / fname, "wb")  # noqa: SIM115 - kept open until close(): tensors arrive in any order
             f.write(struct.pack("<Q", len(hb)))
             f.write(hb)
             f.truncate(8 + len(hb) + off)

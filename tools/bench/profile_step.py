@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import cProfile
 import pstats
 import re
 import subprocess
@@ -21,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import anchors  # noqa: E402
-from make_models import NINJA  # noqa: E402
+import anchors
+from make_models import NINJA
 
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 

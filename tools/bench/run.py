@@ -28,11 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import anchors  # noqa: E402
-import report  # noqa: E402
-from compare_gguf import compare  # noqa: E402
-from make_models import NINJA, SIZES, make_models, n_params  # noqa: E402
-from seed_recipe import ggmerge_recipe, mergekit_stages  # noqa: E402
+import anchors
+import report
+from compare_gguf import compare
+from make_models import NINJA, SIZES, make_models, n_params
+from seed_recipe import ggmerge_recipe, mergekit_stages
 
 log = logging.getLogger("bench")
 PASSES = ["merge", "convert", "q4_k_m", "q6_k"]
@@ -264,9 +264,16 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", default=",".join(PASSES), help=f"comma-separated subset of {','.join(PASSES)}")
     ap.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
+    ap.add_argument("--report-only", action="store_true", help="measure nothing: re-render SIZE/results.json")
     ap.add_argument("--benchmarks", type=Path, default=anchors.REPO / "BENCHMARKS.md")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.report_only:   # re-render the table and BENCHMARKS.md blocks from the saved results
+        results = json.loads((anchors.CACHE / args.size / "results.json").read_text())
+        report.print_table(results)
+        if not args.no_write:
+            report.update_benchmarks(args.benchmarks, results)
+        return 0
     only = [p.strip() for p in args.only.split(",") if p.strip()]
     bad = [p for p in only if p not in PASSES]
     if bad:

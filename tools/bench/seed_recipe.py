@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-
 from make_models import ANTLER, BASE, INSTRUCT, NINJA, RP_MODELS
 
 #: RP model folder → the seed's name for its task-vector model
@@ -40,7 +39,7 @@ def stage_docs(models: Path, ref) -> list[StageDoc]:
     """The seven configurations in dependency order. ``ref(stage_name)`` spells a reference to an
     intermediate stage (a stage name for ggmerge, an output folder for mergekit); leaf models are
     absolute folder paths (local paths only: mergekit's model-card step calls the Hub for ``org/name``)."""
-    m = lambda d: str((Path(models) / d).resolve())  # noqa: E731
+    m = lambda d: str((Path(models) / d).resolve())
     docs = [StageDoc(CV, {
         "merge_method": "task_arithmetic",
         "base_model": m(BASE),
@@ -100,7 +99,7 @@ def ggmerge_recipe(models: Path, name: str = "Ninja-v1-RP-expressive") -> str:
 
 def mergekit_stages(models: Path, work: Path) -> list[tuple[str, str, Path]]:
     """(stage name, mergekit-yaml config text, output folder) in the order to run them."""
-    out_of = lambda stage: work / (stage or "Ninja-v1-RP-expressive")  # noqa: E731
+    out_of = lambda stage: work / (stage or "Ninja-v1-RP-expressive")
     return [(sd.name or "output", _dump(sd.doc), out_of(sd.name))
             for sd in stage_docs(models, ref=lambda stage: str(out_of(stage)))]
 
