@@ -208,7 +208,7 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
         }
         _write_text(out / "README.md", card)
         _write_text(record, json.dumps(record_body, indent=2) + "\n")
-        log.info("peak in-flight tensors: %.1f MB float32", ev.peak_elements * 4 / 1e6)
+        log.debug("largest cache of shared values: %.1f MB", ev.peak_cache_bytes / 1e6)
         return out
     finally:
         p.close()

@@ -27,8 +27,8 @@ class Evaluator:
         self.inputs = inputs
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
         self._uses: Counter = Counter()
-        #: largest number of float32 elements held at once (for the memory report)
-        self.peak_elements = 0
+        #: most bytes held in the cache of values awaiting a later consumer (for the memory report)
+        self.peak_cache_bytes = 0
 
     # -- public -------------------------------------------------------------------------------
     def output_jobs(self) -> list[TensorJob]:
@@ -67,20 +67,30 @@ class Evaluator:
     def _value(self, ref: str, name: str) -> torch.Tensor:
         key = (ref, name)
         if key in self._cache:
-            t = self._cache[key]
+            t = self._cache[key].float()
         else:
             info = self._stage_info(ref)
             t = self._load(ref, name) if info is None else self._merge(info, name)
-            self._cache[key] = t
-            self._note_memory()
+            if self._uses[key] > 1:
+                # kept for a later consumer; a value that is exactly bf16 (a bf16 source tensor, or a
+                # stage rounded to bf16 like a saved model) is kept at half the size and widened on use
+                self._cache[key] = t.to(torch.bfloat16) if self._exact_bf16(ref, name, info) else t
+                self._note_memory()
         self._uses[key] -= 1
         if self._uses[key] <= 0:
             self._cache.pop(key, None)
         return t
 
+    def _exact_bf16(self, ref: str, name: str, info: StageInfo | None) -> bool:
+        if info is not None:
+            return info.stage is not self.recipe.output and info.stage.dtype == torch.bfloat16
+        src = self.inputs.sources[ref]
+        real = name if name in src.names() else "model.embed_tokens.weight"
+        return src.dtype(real) == "BF16"
+
     def _note_memory(self) -> None:
-        n = sum(t.numel() for t in self._cache.values())
-        self.peak_elements = max(self.peak_elements, n)
+        n = sum(t.numel() * t.element_size() for t in self._cache.values())
+        self.peak_cache_bytes = max(self.peak_cache_bytes, n)
 
     def _load(self, ref: str, name: str) -> torch.Tensor:
         src = self.inputs.sources[ref]
