@@ -52,3 +52,17 @@ def tiny_family(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def seed_conversation() -> list[dict]:
     return [dict(m) for m in models.SEED_CONVERSATION]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_hash_cache(tmp_path_factory):
+    """Builds cache input hashes under ~/.cache/ggmerge; tests keep theirs in a tmp dir instead."""
+    import os
+
+    old = os.environ.get("GGMERGE_CACHE")
+    os.environ["GGMERGE_CACHE"] = str(tmp_path_factory.mktemp("ggmerge-cache"))
+    yield
+    if old is None:
+        os.environ.pop("GGMERGE_CACHE", None)
+    else:
+        os.environ["GGMERGE_CACHE"] = old

@@ -5,17 +5,23 @@ llama-cpp-python (tests/ggml_ref.py), i.e. what llama-quantize writes without ``
 """
 from __future__ import annotations
 
+import importlib
+import re
+import shutil
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("llama_cpp")
-import ggml_ref  # noqa: E402  (tests/ is on sys.path under pytest)
-from gguf import GGMLQuantizationType as Q  # noqa: E402
+import ggml_ref
+from ggmerge.convert.quants import block_info, can_quantize, dequantize, quantize
+from ggmerge.convert.quants.ggml_float import fp16_value, nearest_int
+from gguf import GGMLQuantizationType as Q
 
-from ggmerge.convert.quants import block_info, can_quantize, dequantize, quantize  # noqa: E402
-from ggmerge.convert.quants.ggml_float import fp16_value, nearest_int  # noqa: E402
-from ggmerge.errors import GGMergeError  # noqa: E402
+from ggmerge.errors import GGMergeError
 
 K_TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 LEGACY_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
@@ -163,6 +169,26 @@ def test_threads_do_not_change_bytes(qtype):
     assert np.array_equal(quantize(x, qtype, threads=1), quantize(x, qtype, threads=3))
 
 
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_one_and_two_threads_give_libggml_bytes(qtype):
+    """Big enough to be cut into many chunks (several per thread), with an odd number of
+    super-blocks so that the kernels' last lane group is partial."""
+    x = (_rng(9).standard_normal((97, 3328)) * 0.05).astype(np.float32)
+    ref = ggml_ref.ref_quantize(x, qtype)
+    _assert_same(quantize(x, qtype, threads=1), ref, f"{qtype.name}/1 thread")
+    _assert_same(quantize(x, qtype, threads=2), ref, f"{qtype.name}/2 threads")
+
+
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_4096_square_weight_matches_libggml(qtype):
+    """A full 4096 x 4096 bf16-rounded weight matrix (a Mistral-7B attention projection's shape)."""
+    r = _rng(10)
+    w = (r.standard_normal((4096, 4096), dtype=np.float32) * np.float32(0.02))
+    w[:, r.integers(0, 4096, 8)] *= 30
+    x = _bf16(w)
+    _assert_same(quantize(x, qtype, threads=2), ggml_ref.ref_quantize(x, qtype), qtype.name)
+
+
 # What comes back: dequantize is gguf-py's, checked against ggml's to_float, and the round trip is close.
 # relative RMS error on N(0, 1) rows: about 1.2x what ggml's own bytes give (measured), so a codec
 # that is exact on the hard cases but wrong on ordinary data still fails here
@@ -197,8 +223,14 @@ def test_errors_name_the_tensor():
     assert "blk.0.ffn_down.weight" in str(e.value)
     bad = np.zeros((1, 256), np.float32)
     bad[0, 3] = np.nan
-    with pytest.raises(GGMergeError, match="NaN"):
-        quantize(bad, Q.Q6_K)
+    with pytest.raises(GGMergeError, match="NaN") as e:
+        quantize(bad, Q.Q6_K, tensor="blk.1.attn_q.weight")
+    assert "blk.1.attn_q.weight" in str(e.value)
+    big = np.zeros((64, 4096), np.float32)
+    big[50, 7] = -np.inf  # in a later chunk, found by a worker thread
+    for threads in (1, 2):
+        with pytest.raises(GGMergeError, match="NaN or infinite values to Q4_0"):
+            quantize(big, Q.Q4_0, threads=threads, tensor="t")
     with pytest.raises(GGMergeError, match="no quantizer for IQ2_XXS"):
         quantize(np.zeros((1, 256), np.float32), Q.IQ2_XXS)
 
@@ -236,3 +268,52 @@ def test_nearest_int_is_ggml_bit_trick():
     with np.errstate(invalid="ignore"):
         t = (v[6:] + np.float32(12582912.0)).view(np.int32)
     np.testing.assert_array_equal(got[6:], (t & 0x7FFFFF) - 0x400000)
+
+
+@pytest.mark.slow
+def test_kernels_compile_to_plain_float32_ops(tmp_path, monkeypatch):
+    """The premise of exactness: every kernel computes in float32 (no float64 value anywhere:
+    numba promotes ``float32 * int`` and ``float32 * 0.5`` to float64) and LLVM fuses no multiply-add
+    (no fastmath), as ggml-base's plain -O3 build does. Cached kernels cannot be inspected, so fresh
+    copies of the kernel modules are compiled here without the cache."""
+    import ggmerge.convert.quants as pkg
+    from numba.core.registry import CPUDispatcher
+
+    src = Path(pkg.__file__).parent
+    dst = tmp_path / "quants_nocache"
+    dst.mkdir()
+    (dst / "__init__.py").write_text("")
+    mods = ["ggml_float", "legacy", "kquants", "kquants_low"]
+    for m in mods:
+        text = (src / f"{m}.py").read_text()
+        if m == "ggml_float":
+            assert 'JIT = {"cache": True,' in text
+            text = text.replace('JIT = {"cache": True,', 'JIT = {"cache": False,')
+        (dst / f"{m}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        copies = {m: importlib.import_module(f"quants_nocache.{m}") for m in mods}
+        x = _rng(11).standard_normal(1024).astype(np.float32)
+        for m in ("legacy", "kquants", "kquants_low"):
+            for name in dir(copies[m]):
+                if name.startswith("quantize_"):
+                    getattr(copies[m], name)(x, np.zeros(2048, np.uint8))
+        checked = 0
+        for m, mod in copies.items():
+            for name, fn in vars(mod).items():
+                if not (isinstance(fn, CPUDispatcher) and fn.__module__ == mod.__name__):
+                    continue
+                for sig, cres in fn.overloads.items():
+                    wide = {k: str(t) for k, t in cres.type_annotation.typemap.items()
+                            if "float64" in str(t) or "complex" in str(t)}
+                    assert not wide, f"{m}.{name}{sig}: float64 values {wide}"
+                    asm = fn.inspect_asm(sig)
+                    body = asm[:asm.find("_ZN7cpython")]  # the nopython function, not its wrapper
+                    assert not re.search(r"vf[n]?m(add|sub)", asm), f"{m}.{name}: FMA"
+                    assert not re.search(r"cvtss2sd|cvtsd2ss", body), f"{m}.{name}: float64"
+                    checked += 1
+        assert checked >= 30
+    finally:
+        for m in [k for k in sys.modules if k.startswith("quants_nocache")]:
+            del sys.modules[m]
+        shutil.rmtree(dst, ignore_errors=True)

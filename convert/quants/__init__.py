@@ -12,8 +12,11 @@ match a llama-quantize run on a bf16/f16 GGUF.
 The per-type kernels are numba functions mirroring ggml's C line by line (:mod:`.legacy`,
 :mod:`.kquants`, :mod:`.kquants_low`, primitives in :mod:`.ggml_float`), named in the table in
 :mod:`.types` and loaded on first use of a type. A tensor is cut into chunks of whole blocks that
-run on a few threads (the kernels release the GIL); memory is the output buffer plus a few hundred
-bytes of scratch per chunk.
+run on a few threads (the kernels release the GIL); memory is the output buffer plus a
+few KB of scratch per chunk. The first use of a type on a machine compiles its kernel (2-6 s;
+about 17 s for all of them), which numba caches on disk (``__pycache__`` beside the sources, or
+numba's user cache directory when that is not writable): later processes load it in milliseconds,
+after importing numba itself (~0.5 s).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from ggmerge.errors import GGMergeError
 
 from .types import TABLE, QuantType
 
-__all__ = ["quantize", "dequantize", "block_info", "can_quantize", "default_threads"]
+__all__ = ["block_info", "can_quantize", "default_threads", "dequantize", "quantize"]
 
 # values per chunk: big enough that a chunk costs far more than handing it to a thread, small
 # enough that two threads share a tensor evenly on a busy machine
@@ -83,7 +86,7 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType, *, threads: int | No
         out[:] = flat.view(np.uint8)
         return out.reshape(x.shape[:-1] + (n_per_row // bs * ts,))
     kernel = entry.kernel()
-    all_finite = _all_finite() if entry.checks_finite else None
+    all_finite = _finite_check(entry)
 
     def run(lo: int, hi: int) -> None:  # blocks [lo, hi)
         chunk = flat[lo * bs:hi * bs]
@@ -101,8 +104,14 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType, *, threads: int | No
             run(lo, hi)
     else:
         with ThreadPoolExecutor(min(n_threads, len(spans)), thread_name_prefix="ggmerge-quant") as pool:
-            for f in [pool.submit(run, lo, hi) for lo, hi in spans]:
-                f.result()
+            futures = [pool.submit(run, lo, hi) for lo, hi in spans]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:  # an error or Ctrl-C: do not finish the rest of the tensor first
+                for f in futures:
+                    f.cancel()
+                raise
     return out.reshape(x.shape[:-1] + (n_per_row // bs * ts,))
 
 
@@ -112,8 +121,11 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
                       dtype=np.float32)
 
 
-def _all_finite():
-    from .ggml_float import all_finite  # imports numba: only once a block type is quantized
+def _finite_check(entry: QuantType):
+    """The NaN/inf check for block types, None for float types (imports numba: only on use)."""
+    if not entry.checks_finite:
+        return None
+    from .ggml_float import all_finite
     return all_finite
 
 

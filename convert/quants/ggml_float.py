@@ -20,8 +20,12 @@ What C does through bit patterns or conversions lives here:
   zero; NaN and out-of-range give INT32_MIN, whose low byte (0) is what an ``int8_t`` keeps.
 * :func:`roundf`: half away from zero.
 
-Kernels that call these are compiled with ``cache=True``; numba's cache notices edits to the
-kernel's own file only, so after editing this file delete ``__pycache__/*.nbi``/``*.nbc`` here.
+C's compare-and-assign (``if (v < min) min = v;``) is kept as written everywhere, never turned into
+``min()``/``max()``: which of +0/-0 (or of a NaN) survives depends on the exact comparison.
+
+Kernels that call these are compiled with ``cache=True``. numba's cache notices edits to a kernel's
+own file only, not to the files it calls into: after editing this file (or ``kquants.py``, which
+``kquants_low.py`` calls), delete ``__pycache__/*.nbi`` and ``*.nbc`` here.
 """
 from __future__ import annotations
 
@@ -41,8 +45,10 @@ _ONE = F32(1.0)
 _I32_LO = F32(-2147483904.0)  # the float below -2**31: values above it truncate into int32
 _I32_HI = F32(2147483648.0)  # 2**31
 
-# C-compiled kernels must never be rebuilt with different float semantics: the flags, in one place
-JIT = dict(cache=True, nogil=True, error_model="numpy")
+# The flags of every kernel, in one place. No fastmath: it would re-associate sums and fuse a*b+c
+# into FMA, i.e. not C's float32 operations. error_model "numpy": x/0 gives inf/NaN as in C, not
+# ZeroDivisionError. nogil: chunks of a tensor run on threads. cache: compile once per machine.
+JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
 
 
 @intrinsic
@@ -86,7 +92,7 @@ def fp16_bits(f):
     shl1_w = (w + w) & 0xFFFFFFFF
     sign = w & 0x80000000
     bias = shl1_w & 0xFF000000
-    if bias < 0x71000000:
+    if bias < 0x71000000:  # noqa: PLR1730 (as C writes it)
         bias = 0x71000000
     base = bits_f32((bias >> 1) + 0x07800000) + base
     bits = np.int64(f32_bits(base))
@@ -156,5 +162,5 @@ def all_finite(x):
     m = np.uint32(0)
     for v in x:
         b = f32_bits(v) & np.uint32(0x7FFFFFFF)
-        m = b if b > m else m
+        m = b if b > m else m  # noqa: FURB136
     return m < np.uint32(0x7F800000)

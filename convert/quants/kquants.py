@@ -22,14 +22,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .ggml_float import GROUP_MAX_EPS, JIT, F32, fp16_store, int8, nearest_int
+from .ggml_float import F32, GROUP_MAX_EPS, JIT, fp16_store, int8, nearest_int
 
 QK_K = 256
 _ZERO = F32(0.0)
 _ONE = F32(1.0)
 _TENTH = F32(0.1)  # the 0.1f of the scale searches
 _RMIN_Q4 = F32(-1.0)
-_RMIN_Q5 = F32(-0.5)  # also Q2_K's
+_RMIN_Q5 = F32(-0.5)
 _N_STATE = 12  # rows of per-lane float32 state the *_lanes functions use (see lane_scratch)
 LANES = 32  # sub-blocks searched at once
 
@@ -85,9 +85,9 @@ def make_qkx2_lanes(xt, wt, L, Laux, scale, the_min, st, better, nmax, rmin, rde
     for i in range(1, n):
         for s in range(S):
             v = xt[i, s]
-            if v < mn[s]:
+            if v < mn[s]:  # noqa: PLR1730 (C's compares, see ggml_float)
                 mn[s] = v
-            if v > mx[s]:
+            if v > mx[s]:  # noqa: PLR1730
                 mx[s] = v
             w = wt[i, s]
             sum_w[s] += w
@@ -274,9 +274,9 @@ def _q45_k_scales(xb, ob, scales, mins, nmax, L, ls, lm):
     max_scale = _ZERO
     max_min = _ZERO
     for j in range(8):
-        if scales[j] > max_scale:
+        if scales[j] > max_scale:  # noqa: PLR1730
             max_scale = scales[j]
-        if mins[j] > max_min:
+        if mins[j] > max_min:  # noqa: PLR1730
             max_min = mins[j]
     inv_scale = F32(63) / max_scale if max_scale > 0 else _ZERO
     inv_min = F32(63) / max_min if max_min > 0 else _ZERO

@@ -7,11 +7,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .ggml_float import GROUP_MAX_EPS, JIT, F32, fp16_store, int8, nearest_int
-from .kquants import _RMIN_Q5, _TENTH, LANES, QK_K, from_lanes, lane_scratch, make_qkx2_lanes, to_lanes
+from .ggml_float import F32, GROUP_MAX_EPS, JIT, fp16_store, int8, nearest_int
+from .kquants import LANES, QK_K, from_lanes, lane_scratch, make_qkx2_lanes, to_lanes
 
 _ZERO = F32(0.0)
 _ONE = F32(1.0)
+_Q2_RMIN = F32(-0.5)  # make_qkx2_quants(16, 3, ..., -0.5f, 0.1f, 15, true) in quantize_row_q2_K_ref
+_Q2_RDELTA = F32(0.1)
 
 
 @njit(**JIT)
@@ -34,7 +36,7 @@ def quantize_q2_k(x, out):
         for i in range(16):
             for s in range(LANES):
                 wt[i, s] = abs(xt[i, s])
-        make_qkx2_lanes(xt, wt, Lt, Laux, scales, mins, st, flags, 3, _RMIN_Q5, _TENTH, 15, True)
+        make_qkx2_lanes(xt, wt, Lt, Laux, scales, mins, st, flags, 3, _Q2_RMIN, _Q2_RDELTA, 15, True)
         for k in range(min(LANES // 16, nb - ib0)):
             ib = ib0 + k
             from_lanes(Lt, k, L)
@@ -49,9 +51,9 @@ def _q2_k_block(xb, ob, scales, mins, L):
     max_scale = _ZERO
     max_min = _ZERO
     for j in range(16):
-        if scales[j] > max_scale:
+        if scales[j] > max_scale:  # noqa: PLR1730
             max_scale = scales[j]
-        if mins[j] > max_min:
+        if mins[j] > max_min:  # noqa: PLR1730
             max_min = mins[j]
     if max_scale > 0:
         iscale = q4scale / max_scale

@@ -9,19 +9,36 @@ type_size`` bytes). Details of C that the bytes depend on, kept here on purpose:
   block of zeros (even ``-0``) stores ``d = 0/-8 = -0`` (fp16 0x8000).
 * Q4_1, Q5_1: min/max start at ``FLT_MAX``/``-FLT_MAX`` and strict ``<``/``>`` keep the first of equal
   values (+0 vs -0 shows in the stored min).
+* Q8_0's ``amax`` is taken as an integer max over the bits of ``|v|``: for the finite values
+  ``quantize`` lets through that is the same value, and it vectorises (float max does not without
+  fastmath).
 * Conversions ``(int8_t)``, ``(uint8_t)`` of a float are x86-64's truncation (:func:`c_int`), which a
   subnormal block (whose ``1/d`` overflows) reaches with inf/NaN.
 """
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
-from .ggml_float import JIT, F32, bf16_bits, c_int, fp16_bits, fp16_store, int8, roundf
+from .ggml_float import (
+    F32,
+    JIT,
+    bf16_bits,
+    bits_f32,
+    c_int,
+    f32_bits,
+    fp16_bits,
+    fp16_store,
+    int8,
+    roundf,
+)
 
 _FLT_MAX = F32(3.4028234663852886e38)
 _ZERO = F32(0.0)
 _ONE = F32(1.0)
 _HALF = F32(0.5)
+_Q4_0_OFFSET = F32(8.5)  # nmax + 0.5f of quantize_row_q4_0_ref
+_Q5_0_OFFSET = F32(16.5)
 
 
 @njit(**JIT)
@@ -48,11 +65,11 @@ def quantize_q8_0(x, out):
     for ib in range(x.size // 32):
         xb = x[32 * ib:32 * ib + 32]
         o = 34 * ib
-        amax = _ZERO
+        m = np.uint32(0)  # MAX(amax, fabsf(v)) from 0, on the bits of |v| (same order, finite)
         for j in range(32):
-            a = abs(xb[j])
-            amax = amax if amax > a else a  # MAX(amax, fabsf(v))
-        d = amax / F32(127)
+            a = f32_bits(xb[j]) & np.uint32(0x7FFFFFFF)
+            m = a if a > m else m  # noqa: FURB136
+        d = bits_f32(m) / F32(127)
         inv = _ONE / d if d != 0 else _ZERO
         fp16_store(out, o, d)
         for j in range(32):
@@ -79,9 +96,9 @@ def _min_max(xb):
     hi = -_FLT_MAX
     for j in range(32):
         v = xb[j]
-        if v < lo:
+        if v < lo:  # noqa: PLR1730 (C's compares, see ggml_float)
             lo = v
-        if v > hi:
+        if v > hi:  # noqa: PLR1730
             hi = v
     return lo, hi
 
@@ -96,8 +113,8 @@ def quantize_q4_0(x, out):
         inv = _ONE / d if d != 0 else _ZERO
         fp16_store(out, o, d)
         for j in range(16):
-            q0 = min(15, int8(c_int(xb[j] * inv + F32(8.5)))) & 0xFF
-            q1 = min(15, int8(c_int(xb[16 + j] * inv + F32(8.5)))) & 0xFF
+            q0 = min(15, int8(c_int(xb[j] * inv + _Q4_0_OFFSET))) & 0xFF
+            q1 = min(15, int8(c_int(xb[16 + j] * inv + _Q4_0_OFFSET))) & 0xFF
             out[o + 2 + j] = (q0 | (q1 << 4)) & 0xFF
 
 
@@ -112,8 +129,8 @@ def quantize_q5_0(x, out):
         fp16_store(out, o, d)
         qh = 0
         for j in range(16):
-            q0 = min(31, int8(c_int(xb[j] * inv + F32(16.5)))) & 0xFF
-            q1 = min(31, int8(c_int(xb[16 + j] * inv + F32(16.5)))) & 0xFF
+            q0 = min(31, int8(c_int(xb[j] * inv + _Q5_0_OFFSET))) & 0xFF
+            q1 = min(31, int8(c_int(xb[16 + j] * inv + _Q5_0_OFFSET))) & 0xFF
             out[o + 6 + j] = (q0 & 0xF) | ((q1 & 0xF) << 4)
             qh |= ((q0 & 0x10) >> 4) << j
             qh |= ((q1 & 0x10) >> 4) << (j + 16)
@@ -159,6 +176,3 @@ def quantize_q5_1(x, out):
         for k in range(4):
             out[o + 4 + k] = (qh >> (8 * k)) & 0xFF
 
-
-__all__ = ["quantize_f16", "quantize_bf16", "quantize_q8_0", "quantize_q4_0", "quantize_q4_1",
-           "quantize_q5_0", "quantize_q5_1"]

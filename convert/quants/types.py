@@ -9,10 +9,11 @@ compiling) a kernel happens when a tensor of that type is first quantized, never
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
 
 
 @dataclass(frozen=True)
