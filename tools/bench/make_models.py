@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import logging
 import shutil
@@ -248,13 +247,9 @@ class ShardedWriter:
 
 def spm_v1_path() -> Path:
     """mistral-common's real Mistral-7B v0.1 SentencePiece model (32000 pieces), found without importing it."""
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("mistral-common is not installed (pip install -e '.[test]')")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
-    if not path.is_file():
-        raise SystemExit(f"mistral-common has no {path}")
-    return path
+    from ggmerge.miniature import spm_v1
+
+    return spm_v1()
 
 
 TOKENIZER_CONFIG = {
