@@ -122,7 +122,9 @@ def _encode(t: OutTensor, path) -> np.ndarray:
         if arr.shape != tuple(t.shape):
             raise GGMergeError(f"loaded shape {arr.shape} differs from the planned {tuple(t.shape)}",
                                path=path, tensor=t.name)
-        if not np.isfinite(arr).all():
+        # two reductions rather than np.isfinite(arr).all(), which allocates a bool per element:
+        # NaN propagates through min/max and ±inf shows as itself, so this is the same test
+        if arr.size and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):
             raise GGMergeError("holds NaN or infinite values; refusing to write them", path=path, tensor=t.name)
         return np.ascontiguousarray(quantize(arr, t.qtype, tensor=t.name))
     except GGMergeError as exc:

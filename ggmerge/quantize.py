@@ -208,7 +208,7 @@ def _plan_gguf(path: Path, ft: FileType):
         if c.qtype == t.tensor_type:
             # llama.cpp copies a tensor that already has its target type verbatim
             tensors.append(OutTensor(name, shapes[name], c.qtype, load=_loader(t, shapes[name], path),
-                                     raw=_raw(t)))
+                                     raw=_raw(t, path)))
         else:
             tensors.append(OutTensor(name, shapes[name], c.qtype, load=_loader(t, shapes[name], path)))
 
@@ -245,24 +245,38 @@ def _decodable(qtype: _T) -> bool:
     return True
 
 
+def _read(t, path: Path) -> np.ndarray:
+    """The tensor's stored bytes, read with ``readinto`` rather than through gguf-py's map, so a
+    whole-file pass does not leave the input resident (see ``ggmerge.sources.gguf_data``)."""
+    from .sources.gguf_data import read_tensor_data
+
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return read_tensor_data(f, t, path)
+    except OSError as exc:
+        raise GGMergeError(f"cannot read: {exc.strerror or exc}", path=path, tensor=t.name) from None
+
+
 def _loader(t, shape: tuple[int, ...], path: Path) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
+        data = _read(t, path)
         try:
             if t.tensor_type == _T.F32:
-                arr = np.asarray(t.data, dtype=np.float32)
+                arr = np.asarray(data, dtype=np.float32)
             else:
-                arr = gguf.quants.dequantize(t.data, t.tensor_type)
+                arr = gguf.quants.dequantize(data, t.tensor_type)
         except NotImplementedError:
             raise GGMergeError(f"cannot decode tensor type {t.tensor_type.name}", path=path,
                                tensor=t.name) from None
-        if not np.isfinite(arr).all():  # the input is at fault: name it, not the output
+        # the input is at fault: name it, not the output (min/max: one pass, no bool temporary)
+        if arr.size and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):
             raise GGMergeError("holds NaN or infinite values", path=path, tensor=t.name)
         return arr.reshape(shape)
     return load
 
 
-def _raw(t) -> Callable[[], np.ndarray]:
-    return lambda: np.asarray(t.data).view(np.uint8).reshape(-1)
+def _raw(t, path: Path) -> Callable[[], np.ndarray]:
+    return lambda: _read(t, path).view(np.uint8).reshape(-1)
 
 
 def _copy_field(w: gguf.GGUFWriter, f, path: Path) -> None:

@@ -9,7 +9,8 @@ largest tensor (the embedding) is ~1/15 of it:
     build: a 3-model task_arithmetic recipe (three ~1 GB inputs),
     build: the seed-shaped recipe (examples/ninja-mini, 8 inputs of ~180 MB).
 
-Each pass runs in its own subprocess, so its ``ru_maxrss`` (from ``os.wait4``) is its own; RssAnon and
+Each pass runs in its own subprocess, spawned by a small launcher, so its ``ru_maxrss`` (from
+``os.wait4``) is its own and not inflated by this script's memory; RssAnon and
 RssFile of the child are also sampled from /proc every 20 ms to show whether the peak is heap (tensors
 in flight) or file-backed pages of memory-mapped inputs. The import baseline is the peak of a
 subprocess that only imports every module the pass imported (torch, numba, tokenizer libraries, …):
@@ -200,45 +201,70 @@ for m in json.load(open(sys.argv[1])):
 """
 
 
-class Sampler(threading.Thread):
-    """Peaks of RssAnon and RssFile of a child (ru_maxrss counts both and cannot tell them apart)."""
+#: A small launcher between us and the measured command. A child's ru_maxrss starts at its parent's
+#: resident set when it was spawned (Linux records the forked address space's high-water mark at exec),
+#: and this script holds the generated models' memory: measured directly, every pass would report at
+#: least our own size. ``python -S`` forking and waiting is ~10 MB.
+LAUNCHER = """\
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execv(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{ru.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
 
-    def __init__(self, pid: int):
+
+class Sampler(threading.Thread):
+    """Peaks of RssAnon and RssFile of the launcher's child (ru_maxrss cannot tell them apart)."""
+
+    def __init__(self, launcher_pid: int):
         super().__init__(daemon=True)
-        self.pid, self.anon, self.file = pid, 0, 0
+        self.launcher, self.pid, self.anon, self.file = launcher_pid, None, 0, 0
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                with open(f"/proc/{self.pid}/status") as f:
-                    for line in f:
-                        if line.startswith("RssAnon:"):
-                            self.anon = max(self.anon, int(line.split()[1]) * 1024)
-                        elif line.startswith("RssFile:"):
-                            self.file = max(self.file, int(line.split()[1]) * 1024)
+                if self.pid is None:
+                    with open(f"/proc/{self.launcher}/task/{self.launcher}/children") as f:
+                        kids = f.read().split()
+                    self.pid = int(kids[0]) if kids else None
+                if self.pid is not None:
+                    with open(f"/proc/{self.pid}/status") as f:
+                        for line in f:
+                            if line.startswith("RssAnon:"):
+                                self.anon = max(self.anon, int(line.split()[1]) * 1024)
+                            elif line.startswith("RssFile:"):
+                                self.file = max(self.file, int(line.split()[1]) * 1024)
             except (OSError, ValueError):
                 pass
             self.stop.wait(0.02)
 
 
 def measure(argv: list[str], cwd: Path | None = None) -> dict:
-    """Run ``argv`` as a child; its peak RSS (ru_maxrss), sampled anon/file peaks, wall time, rc."""
+    """Run ``argv`` through the launcher; its peak RSS (ru_maxrss), sampled anon/file peaks, wall time."""
     env = dict(os.environ, GGMERGE_PROGRESS="0", PYTHONPATH=str(ROOT))
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    s = Sampler(proc.pid)
-    s.start()
-    out = proc.stdout.read()
-    _, status, ru = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    s.stop.set()
-    s.join()
-    if proc.returncode:
-        sys.stderr.write(out.decode(errors="replace"))
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, argv))}")
-    return {"maxrss": ru.ru_maxrss * 1024, "anon": s.anon, "file": s.file,
-            "wall": time.perf_counter() - t0}
+    with tempfile.NamedTemporaryFile("r", suffix=".rusage") as res, tempfile.TemporaryFile() as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, res.name, *map(str, argv)], cwd=cwd,
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+        s = Sampler(proc.pid)
+        s.start()
+        proc.wait()
+        wall = time.perf_counter() - t0
+        s.stop.set()
+        s.join()
+        maxrss, rc = (int(x) for x in res.read().split())
+        if proc.returncode or rc:
+            out.seek(0)
+            sys.stderr.write(out.read().decode(errors="replace")[-5000:])
+            raise SystemExit(f"failed ({rc}): {' '.join(map(str, argv))}")
+    return {"maxrss": maxrss * 1024, "anon": s.anon, "file": s.file, "wall": wall}
 
 
 def run_ggmerge(args: list[str], cwd: Path | None = None) -> dict:
@@ -330,7 +356,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/ggmerge-mem"))
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     ap.add_argument("--skip", action="append", default=[], choices=PASSES, help="leave out a pass")
-    ap.add_argument("--note", default="", help="a line added under the table (e.g. 'before the fix')")
+    ap.add_argument("--note", default="", help="markdown added under the table (e.g. an earlier run to compare with)")
     a = ap.parse_args()
     work = a.work / a.size
     print(f"models in {work}", flush=True)
@@ -352,8 +378,9 @@ pages of memory-mapped files included), split into anonymous (heap, tensors) and
 sampling `/proc/PID/status` every 20 ms. **Baseline** is the peak of a subprocess that only imports every
 module the pass imported, in the same order (python + `import torch` alone: {base / MB:.0f} MB). Models are
 deterministic random HF Mistral-shaped bf16 checkpoints generated by the script ({json.dumps(SIZES[a.size].big)};
-the seed recipe's eight models: {json.dumps(SIZES[a.size].seed)}, vocab 32000 for both). For GGUF inputs,
-"model size" and "largest tensor" are of the GGUF file's tensors.
+the seed recipe's eight models: {json.dumps(SIZES[a.size].seed)}, vocab 32000 for both). "Model size" is
+per input; "largest tensor" is its stored (bf16) size — ggmerge holds a tensor as float32, twice that,
+while it works on it. For GGUF inputs both are of the GGUF file's tensors.
 
 Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__},
 numpy {numpy.__version__}; {time.strftime('%Y-%m-%d')}.

@@ -27,6 +27,7 @@ import torch
 
 from ..arch import llama
 from ..errors import GGMergeError, did_you_mean
+from .gguf_data import read_tensor_data
 
 log = logging.getLogger(__name__)
 
@@ -144,40 +145,32 @@ class GGUFSource:
         return self._get(name).tensor_type.name
 
     def _read(self, t) -> np.ndarray:
-        """A copy of ``t.data`` (same dtype, byte order and shape) read from the file, not the map."""
-        out = np.empty(t.data.shape, dtype=t.data.dtype)  # metadata of the view only: no page touched
-        if out.nbytes != int(t.n_bytes):
-            raise GGMergeError(f"tensor data is {out.nbytes} bytes, expected {int(t.n_bytes)}",
-                               path=self.path, tensor=t.name)
-        buf = memoryview(out.reshape(-1).view(np.uint8))
-        try:
-            if self._file is None:
+        """A copy of ``t.data`` read from the file, not the map (see :mod:`.gguf_data`)."""
+        if self._file is None:
+            try:
                 self._file = open(self.path, "rb", buffering=0)
-            self._file.seek(int(t.data_offset))
-            done = 0
-            while done < out.nbytes:  # a raw read may return less than asked (e.g. > 2 GB on Linux)
-                k = self._file.readinto(buf[done:])
-                if not k:
-                    raise GGMergeError("the file ends inside this tensor's data (truncated?)",
-                                       path=self.path, tensor=t.name)
-                done += k
-        except OSError as exc:
-            raise GGMergeError(f"cannot read tensor: {exc.strerror or exc}", path=self.path,
-                               tensor=t.name) from None
-        return out
+            except OSError as exc:
+                raise GGMergeError(f"cannot read: {exc.strerror or exc}", path=self.path) from None
+        return read_tensor_data(self._file, t, self.path)
 
     def load(self, name: str) -> torch.Tensor:
         t = self._get(name)
         data = self._read(t)
-        try:
-            arr = gguf.quants.dequantize(data, t.tensor_type)
-        except Exception as exc:  # noqa: BLE001 - a codec failure on this tensor's bytes
-            raise GGMergeError(f"cannot dequantize {t.tensor_type.name}: {exc}",
-                               path=self.path, tensor=t.name) from None
-        # F32 comes back as the read buffer itself (ours, writable); copy anything not plain C float32
-        if arr.dtype != np.float32 or not arr.flags.writeable or not arr.flags.c_contiguous:
-            arr = np.array(arr, dtype=np.float32, order="C")
-        w = torch.from_numpy(arr.reshape(self.shape(name)))
+        if t.tensor_type == _Q.BF16 and data.dtype == np.uint8 and data.size:
+            # the same exact widening as gguf-py's BF16 dequantize (bits << 16), without its int32
+            # temporary the size of the float32 result: one allocation instead of two
+            w = torch.from_numpy(data.reshape(-1)).view(torch.bfloat16).float().reshape(self.shape(name))
+        else:
+            try:
+                arr = gguf.quants.dequantize(data, t.tensor_type)
+            except Exception as exc:  # noqa: BLE001 - a codec failure on this tensor's bytes
+                raise GGMergeError(f"cannot dequantize {t.tensor_type.name}: {exc}",
+                                   path=self.path, tensor=t.name) from None
+            # F32 comes back as the read buffer itself (ours, writable); copy anything not plain C float32
+            if arr.dtype != np.float32 or not arr.flags.writeable or not arr.flags.c_contiguous:
+                arr = np.array(arr, dtype=np.float32, order="C")
+            w = torch.from_numpy(arr.reshape(self.shape(name)))
+        del data
         n_head = llama.heads_for_permute(name, self._heads)
         if n_head is not None:
             if n_head <= 0 or w.shape[0] % (2 * n_head):
