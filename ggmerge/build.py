@@ -185,40 +185,33 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
                     writer.add(job.name, t)
                     bar.advance(t.numel() * _itemsize(stage), 1, job.name)
                     del t
-            writer.finish(info.config, vocab)
-        # the model files are final now; the card and the build record carry their hashes
-        outputs = {f.name: sha256_file(f) for f in sorted(out.glob("*.safetensors"))}
-        card = model_card(
-            p.recipe.name, p.recipe.text,
-            lineage=[str(x) for x in p.recipe.leaf_refs()],
-            input_hashes={ref: combined(fp) for ref, fp in inputs_fp.items()},
-            output_hashes=outputs,
-        )
-        record_body = {
-            "name": p.recipe.name,
-            # relative paths keep the record identical when the same build runs elsewhere
-            "output": os.path.relpath(out.resolve(), p.recipe.path.resolve().parent),
-            "recipe": p.recipe.path.name,
-            "recipe_sha256": p.recipe.sha256,
-            "inputs_sha256": inputs_hash,
-            "inputs": inputs_fp,
-            "outputs": outputs,
-            "seed": p.recipe.seed,
-            "ggmerge_version": __version__,
-        }
-        _write_text(out / "README.md", card)
-        _write_text(record, json.dumps(record_body, indent=2) + "\n")
+            def card_and_record(tmp: Path) -> dict[str, str]:
+                # both carry the hashes of the finished shards, and are written inside the temporary
+                # folder: the folder only appears at `out` complete with them
+                outputs = {f.name: sha256_file(f, cache={}) for f in sorted(tmp.glob("*.safetensors"))}
+                card = model_card(p.recipe.name, p.recipe.text, lineage=[str(x) for x in p.recipe.leaf_refs()],
+                                  input_hashes={ref: combined(fp) for ref, fp in inputs_fp.items()},
+                                  output_hashes=outputs)
+                body = {
+                    "name": p.recipe.name,
+                    # relative paths keep the record identical when the same build runs elsewhere
+                    "output": os.path.relpath(out.resolve(), p.recipe.path.resolve().parent),
+                    "recipe": p.recipe.path.name,
+                    "recipe_sha256": p.recipe.sha256,
+                    "inputs_sha256": inputs_hash,
+                    "inputs": inputs_fp,
+                    "outputs": outputs,
+                    "seed": p.recipe.seed,
+                    "ggmerge_version": __version__,
+                }
+                return {"README.md": card, RECORD: json.dumps(body, indent=2) + "\n"}
+
+            writer.finish(info.config, vocab, card_and_record)
         log.debug("largest cache of shared values: %.1f MB", ev.peak_cache_bytes / 1e6)
         return out
     finally:
         p.close()
 
-
-def _write_text(path: Path, text: str) -> None:
-    from .atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def _template(spec: str, root: Path, resolve_template) -> str:

@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -184,7 +185,8 @@ class HFWriter:
                   len(shard.entries), shard.size)
 
     # -- the folder ------------------------------------------------------------------------------
-    def finish(self, config: dict, vocab=None, extra_files: dict[str, bytes | str] | None = None,
+    def finish(self, config: dict, vocab=None,
+               extra_files: dict[str, bytes | str] | Callable[[Path], dict[str, bytes | str]] | None = None,
                generation_config: dict | None = None) -> Path:
         """Close the last shard; write the index, config.json, generation_config.json, tokenizer files
         (from ``vocab`` via ``hf_files.write_hf``) and ``extra_files``; move the folder into place."""
@@ -201,6 +203,8 @@ class HFWriter:
                 from ..tokenizer.hf_files import write_hf
 
                 write_hf(vocab, self.tmp)
+            if callable(extra_files):  # files that depend on the finished shards (e.g. their hashes)
+                extra_files = extra_files(self.tmp)
             for name, content in (extra_files or {}).items():
                 p = self.tmp / _safe_relpath(name)
                 p.parent.mkdir(parents=True, exist_ok=True)
