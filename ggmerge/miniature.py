@@ -128,14 +128,30 @@ def write_model(folder: Path, role: str, cfg: dict | None = None, *, chat_templa
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
-        shutil.copyfile(spm_v1(), tmp / "tokenizer.model")
-        tok = {
-            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-            "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 4096,
-        }
-        if chat_template:
-            tok["chat_template"] = chat_template
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tok, indent=2, ensure_ascii=False) + "\n")
+        write_tokenizer(tmp, chat_template=chat_template)
+
+
+def write_tokenizer(folder: Path, *, spm_path: Path | None = None, chat_template: str | None = None,
+                    legacy: bool = False, model_max_length: int = 4096) -> Path:
+    """``tokenizer.model`` + ``tokenizer_config.json`` in the form transformers 5 loads correctly.
+
+    A bare ``LlamaTokenizer(vocab_file=...)`` silently yields a 3-token tokenizer (NOTES); a folder with
+    tokenizer_class LlamaTokenizer and the special tokens, loaded through AutoTokenizer, reproduces
+    sentencepiece's ids. ``legacy`` only changes text right after a special token such as ``</s>``:
+    True puts a "▁" there (what llama.cpp's SentencePiece tokenizer always does), False does not.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(spm_path or spm_v1(), folder / "tokenizer.model")
+    tok = {
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": legacy,
+        "clean_up_tokenization_spaces": False, "model_max_length": model_max_length, "sp_model_kwargs": {},
+    }
+    if chat_template:
+        tok["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok, indent=2, ensure_ascii=False) + "\n")
+    return folder
 
 
 def ensure_lineage(folder: str | Path) -> list[Path]:

@@ -61,26 +61,10 @@ def write_tokenizer_dir(folder, spm_path=None, chat_template: str | None = None,
     before it (what llama.cpp's SPM tokenizer always does), legacy=False does not; both load
     correctly, and the GGUF vocabulary is the same for both.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(spm_path or spm_v1_path(), folder / "tokenizer.model")
-    cfg = {
-        "tokenizer_class": "LlamaTokenizer",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": None,
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "legacy": legacy,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 1000000000000000019884624838656,
-        "sp_model_kwargs": {},
-    }
-    if chat_template is not None:
-        cfg["chat_template"] = chat_template
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-    return folder
+    from ggmerge.miniature import write_tokenizer
+
+    return write_tokenizer(Path(folder), spm_path=spm_path, chat_template=chat_template, legacy=legacy,
+                           model_max_length=1000000000000000019884624838656)
 
 
 # --------------------------------------------------------------------------------------------

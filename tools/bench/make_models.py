@@ -252,19 +252,6 @@ def spm_v1_path() -> Path:
     return spm_v1()
 
 
-TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizer",
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "unk_token": "<unk>",
-    "pad_token": None,
-    "add_bos_token": True,
-    "add_eos_token": False,
-    "legacy": False,
-    "clean_up_tokenization_spaces": False,
-    "model_max_length": 32768,
-    "sp_model_kwargs": {},
-}
 
 
 def tokenizer_files(cache: Path) -> Path:
@@ -279,8 +266,9 @@ def tokenizer_files(cache: Path) -> Path:
     if cache.exists():
         shutil.rmtree(cache)
     cache.mkdir(parents=True)
-    shutil.copyfile(spm_v1_path(), cache / "tokenizer.model")
-    (cache / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
+    from ggmerge.miniature import write_tokenizer
+
+    write_tokenizer(cache, model_max_length=32768)
     (cache / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n")
     from transformers import AutoTokenizer
