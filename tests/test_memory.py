@@ -14,17 +14,14 @@ per input and fail these bounds; streaming tensor by tensor does not.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from ggmerge.miniature import config, spm_v1, tensor_shapes
+from ggmerge.miniature import config, tensor_shapes, write_tokenizer
 from ggmerge.writers.hf import HFWriter
 
 pytestmark = [pytest.mark.slow,
@@ -37,62 +34,17 @@ LARGEST_F32 = max(torch.Size(s).numel() for s in tensor_shapes(CFG).values()) * 
 #: allowed (peak RSS − import baseline), in float32 copies of the largest tensor per input
 COPIES = 6
 
-#: the ggmerge CLI in a child; afterwards, every module it imported (for the import baseline)
-DRIVER = """\
-import json, sys
-from ggmerge.cli import main
-rc = main(sys.argv[2:])
-json.dump([m for m in sys.modules if m != "__main__"], open(sys.argv[1], "w"))
-sys.exit(rc)
-"""
-#: imports the modules a run imported, in its order, and does nothing else
-IMPORTS_ONLY = """\
-import importlib, json, sys
-for m in json.load(open(sys.argv[1])):
-    if m not in sys.modules:
-        try:
-            importlib.import_module(m)
-        except BaseException:
-            pass
-"""
-
-
-#: forks, execs argv[2:], waits, writes "ru_maxrss exit-code" to argv[1]. A child's ru_maxrss starts at
-#: its parent's resident set when spawned (Linux keeps the forked address space's high-water mark across
-#: exec), and pytest with torch and the model generator is large: spawned from this ~10 MB launcher
-#: (``python -S``), the measured process's ru_maxrss is its own.
-LAUNCHER = """\
-import os, sys
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execv(sys.argv[2], sys.argv[2:])
-    finally:
-        os._exit(127)
-_, status, ru = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as f:
-    f.write(f"{ru.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
-"""
-
-
-def _peak(argv: list[str], cwd: Path) -> int:
-    """ru_maxrss (bytes) of ``argv`` run as a grandchild; fails the test on a non-zero exit."""
-    env = dict(os.environ, GGMERGE_PROGRESS="0", GGMERGE_CACHE=str(cwd / "cache"), HF_HUB_OFFLINE="1")
-    res = cwd / "rusage.txt"
-    with open(cwd / "child.log", "wb") as log:
-        subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(res), *map(str, argv)], cwd=cwd, env=env,
-                       stdout=log, stderr=subprocess.STDOUT, check=True)
-    maxrss, rc = (int(x) for x in res.read_text().split())
-    assert rc == 0, (cwd / "child.log").read_text(errors="replace")[-3000:]
-    return maxrss * 1024  # kilobytes on Linux
-
 
 def _extra_rss(args: list, cwd: Path) -> tuple[int, int]:
-    """(peak RSS of ``ggmerge ARGS``, peak RSS of a child importing the same modules)."""
-    mods = cwd / "modules.json"
-    peak = _peak([sys.executable, "-c", DRIVER, str(mods), "-q", *map(str, args)], cwd)
-    base = _peak([sys.executable, "-c", IMPORTS_ONLY, str(mods)], cwd)
-    return peak, base
+    """(peak RSS of ``ggmerge ARGS`` in a child, peak RSS of a child importing the same modules), measured
+    by the memory benchmark's own launcher (tools/bench_memory.py: one implementation of the method)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        from bench_memory import run_ggmerge
+    finally:
+        sys.path.pop(0)
+    m = run_ggmerge([str(a) for a in args], cwd)
+    return m["maxrss"], m["baseline"]
 
 
 def _check(peak: int, base: int, n_inputs: int, what: str) -> None:
@@ -114,10 +66,8 @@ def model(tmp_path_factory) -> Path:
     with HFWriter(folder) as w:
         for name, shape in tensor_shapes(CFG).items():
             w.add(name, torch.randn(shape, generator=g) * (0.02 if len(shape) > 1 else 1.0))
-        tok = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-               "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": False}
-        w.finish(CFG, extra_files={"tokenizer.model": spm_v1().read_bytes(),
-                                   "tokenizer_config.json": json.dumps(tok)})
+        w.finish(CFG)
+    write_tokenizer(folder)
     assert sum(f.stat().st_size for f in folder.glob("*.safetensors")) > 200e6
     return folder
 
