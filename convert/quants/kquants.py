@@ -183,15 +183,11 @@ def _qx_sums(xt, isc, nmax, sumlx, suml2):
 
 
 @njit(**JIT)
-def make_qx_lanes(xt, nmax, L, scale, st):
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) on every column of ``xt`` (n, S):
-    levels + nmax into ``L``, scales into ``scale``.
-
-    The 19 tries differ only in iscale; C keeps the levels of the last improving try, recomputed
-    here once from that try's iscale (the same float operations, so the same levels).
-    """
+def lane_absmax(xt, amax, vmax):
+    """Per column of ``xt`` (n, S): the largest |x| into ``amax`` and the signed x it came from into
+    ``vmax`` — the first one in C order on ties (``if (ax > amax)``), as make_qx_quants and
+    make_q3_quants do."""
     n, S = xt.shape
-    amax, vmax, sumlx, suml2, best, best_isc, isc = st[0], st[1], st[2], st[3], st[4], st[5], st[6]
     for s in range(S):
         amax[s] = _ZERO
         vmax[s] = _ZERO
@@ -201,6 +197,19 @@ def make_qx_lanes(xt, nmax, L, scale, st):
             if a > amax[s]:
                 amax[s] = a
                 vmax[s] = xt[i, s]
+
+
+@njit(**JIT)
+def make_qx_lanes(xt, nmax, L, scale, st):
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) on every column of ``xt`` (n, S):
+    levels + nmax into ``L``, scales into ``scale``.
+
+    The 19 tries differ only in iscale; C keeps the levels of the last improving try, recomputed
+    here once from that try's iscale (the same float operations, so the same levels).
+    """
+    n, S = xt.shape
+    amax, vmax, sumlx, suml2, best, best_isc, isc = st[0], st[1], st[2], st[3], st[4], st[5], st[6]
+    lane_absmax(xt, amax, vmax)
     for s in range(S):
         isc[s] = F32(-nmax) / vmax[s]
     _qx_sums(xt, isc, nmax, sumlx, suml2)

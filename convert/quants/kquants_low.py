@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit
 
 from .ggml_float import F32, GROUP_MAX_EPS, JIT, fp16_store, int8, nearest_int
-from .kquants import LANES, QK_K, from_lanes, lane_scratch, make_qkx2_lanes, to_lanes
+from .kquants import LANES, QK_K, from_lanes, lane_absmax, lane_scratch, make_qkx2_lanes, to_lanes
 
 _ZERO = F32(0.0)
 _ONE = F32(1.0)
@@ -93,15 +93,7 @@ def make_q3_lanes(xt, nmax, L, scale, st):
     """
     n, S = xt.shape
     amax, vmax, sumlx, suml2 = st[0], st[1], st[2], st[3]
-    for s in range(S):
-        amax[s] = _ZERO
-        vmax[s] = _ZERO
-    for i in range(n):
-        for s in range(S):
-            a = abs(xt[i, s])
-            if a > amax[s]:
-                amax[s] = a
-                vmax[s] = xt[i, s]
+    lane_absmax(xt, amax, vmax)
     for s in range(S):
         vmax[s] = F32(-nmax) / vmax[s]  # now iscale
         sumlx[s] = _ZERO
