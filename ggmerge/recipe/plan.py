@@ -106,11 +106,11 @@ class Inputs:
 
 def plan_recipe(recipe: Recipe, inputs: Inputs) -> list[StageInfo]:
     for st in recipe.stages:
-        inputs.infos[st.label] = plan_stage(st, inputs, recipe)
+        inputs.infos[st.label] = plan_stage(st, inputs)
     return [inputs.infos[s.label] for s in recipe.stages]
 
 
-def plan_stage(st: Stage, inputs: Inputs, recipe: Recipe) -> StageInfo:
+def plan_stage(st: Stage, inputs: Inputs) -> StageInfo:
     anchor = st.base or st.all_models()[0].ref
     config = dict(inputs.config(anchor))
     family = family_for(config, path=inputs.where(anchor))
