@@ -219,6 +219,16 @@ with open(sys.argv[1], "w") as f:
 """
 
 
+def rss_anon_file(pid: int) -> tuple[int, int]:
+    """The one /proc reader, shared with tools/bench (a script folder, not a package)."""
+    sys.path.insert(0, str(ROOT / "tools" / "bench"))
+    try:
+        from launch import rss_anon_file as read
+    finally:
+        sys.path.pop(0)
+    return read(pid)
+
+
 class Sampler(threading.Thread):
     """Peaks of RssAnon and RssFile of the launcher's child (ru_maxrss cannot tell them apart)."""
 
@@ -235,12 +245,8 @@ class Sampler(threading.Thread):
                         kids = f.read().split()
                     self.pid = int(kids[0]) if kids else None
                 if self.pid is not None:
-                    with open(f"/proc/{self.pid}/status") as f:
-                        for line in f:
-                            if line.startswith("RssAnon:"):
-                                self.anon = max(self.anon, int(line.split()[1]) * 1024)
-                            elif line.startswith("RssFile:"):
-                                self.file = max(self.file, int(line.split()[1]) * 1024)
+                    anon, file = rss_anon_file(self.pid)
+                    self.anon, self.file = max(self.anon, anon), max(self.file, file)
             except (OSError, ValueError):
                 pass
             self.stop.wait(0.02)

@@ -33,6 +33,18 @@ def _io() -> dict[str, int]:
     return out
 
 
+def rss_anon_file(pid: int) -> tuple[int, int]:
+    """(RssAnon, RssFile) of ``pid`` in bytes, from /proc/PID/status (ru_maxrss cannot tell them apart)."""
+    anon = file = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                anon = int(line.split()[1]) * 1024
+            elif line.startswith("RssFile:"):
+                file = int(line.split()[1]) * 1024
+    return anon, file
+
+
 class RssSampler(threading.Thread):
     """Peaks of RssAnon and RssFile of the child, polled from /proc/PID/status every 50 ms.
 
@@ -46,15 +58,10 @@ class RssSampler(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        path = f"/proc/{self.pid}/status"
         while not self.stop.is_set():
             try:
-                with open(path) as f:
-                    for line in f:
-                        if line.startswith("RssAnon:"):
-                            self.anon = max(self.anon, int(line.split()[1]) * 1024)
-                        elif line.startswith("RssFile:"):
-                            self.file = max(self.file, int(line.split()[1]) * 1024)
+                anon, file = rss_anon_file(self.pid)
+                self.anon, self.file = max(self.anon, anon), max(self.file, file)
             except (OSError, ValueError):
                 pass
             self.stop.wait(0.05)
