@@ -20,7 +20,7 @@ from .fingerprint import combined, fingerprint, sha256_file
 from .recipe.plan import Inputs, StageInfo, plan_recipe
 from .recipe.schema import Recipe, load_recipe
 from .sources import open_source
-from .stream import Evaluator
+from .evaluator import Evaluator
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +133,68 @@ def _itemsize(stage) -> int:
     return torch.empty((), dtype=dt).element_size()
 
 
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+#: output tensors at least this large (elements) are streamed to the writer chunk by chunk, in turn,
+#: instead of being evaluated ahead whole (a Llama-3 embedding is 525M elements)
+STREAM_ELEMS = 1 << 25
+
+
+def evaluate_in_order(ev: Evaluator, jobs, dtype, *, threads: int | None = None):
+    """``(job, row blocks)`` for every job, in order, while a pool of ``threads`` workers evaluates the
+    next tensors ahead (torch and numba release the GIL). Each tensor is evaluated single-threaded, so
+    its bits never depend on the thread count. A large tensor is yielded as a lazy stream of row blocks
+    evaluated when the writer asks for them, so it is never whole in memory."""
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .dtypes import round_to
+
+    threads = default_threads() if threads is None else int(threads)
+    if threads < 1:
+        raise GGMergeError(f"--threads must be at least 1, got {threads}", key="threads")
+
+    def whole(name: str, shape) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype)
+        for r0, r1, rows in ev.chunks(name):
+            out[r0:r1] = round_to(rows, dtype)
+        return out
+
+    def streamed(name: str):
+        for _, _, rows in ev.chunks(name):
+            yield round_to(rows, dtype)
+
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="ggmerge-eval")
+    try:
+        futures: dict[int, object] = {}
+        ahead = 0
+        for i, job in enumerate(jobs):
+            while ahead < len(jobs) and ahead <= i + threads:
+                nxt = jobs[ahead]
+                if _numel(nxt.shape) < STREAM_ELEMS:
+                    futures[ahead] = pool.submit(whole, nxt.name, tuple(nxt.shape))
+                ahead += 1
+            fut = futures.pop(i, None)
+            yield job, ([fut.result()] if fut is not None else streamed(job.name))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(torch_threads)
+
+
 def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: bool = False,
-          force: bool = False, offline: bool = True) -> Path | None:
-    """Run ``recipe`` and write the merged HF model; returns the output folder (None for a dry run)."""
+          force: bool = False, offline: bool = True, threads: int | None = None,
+          hash_inputs: bool = False) -> Path | None:
+    """Run ``recipe`` and write the merged HF model; returns the output folder (None for a dry run).
+    ``threads``: tensors evaluated at once (default: every core this process may use);
+    ``hash_inputs``: record full SHA-256s of input files not in the HF cache (default: sampled
+    fingerprints, see :mod:`ggmerge.fingerprint`)."""
     from .tokenizer.templates import resolve_template
     from .writers.card import model_card
     from .writers.hf import HFWriter
@@ -148,7 +207,7 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
             from .report import print_plan
             print_plan(describe(p), out)
             return None
-        inputs_fp = {ref: fingerprint(path) for ref, path in p.leaf_paths.items()}
+        inputs_fp = {ref: fingerprint(path, full=hash_inputs) for ref, path in p.leaf_paths.items()}
         inputs_hash = combined({ref: combined(fp) for ref, fp in inputs_fp.items()})
         record = out / RECORD
         for ref, path in p.leaf_paths.items():
@@ -180,11 +239,9 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
         writer = HFWriter(out, max_shard_bytes=p.recipe.shard_size, dtype=dtype, metadata=meta)
         with writer:
             with progress.track(f"Merging {p.recipe.name}", total, len(jobs)) as bar:
-                for job in jobs:
-                    t = ev.tensor(job.name)
-                    writer.add(job.name, t)
-                    bar.advance(t.numel() * _itemsize(stage), 1, job.name)
-                    del t
+                for job, parts in evaluate_in_order(ev, jobs, dtype, threads=threads):
+                    writer.add_rows(job.name, tuple(job.shape), parts)
+                    bar.advance(_numel(job.shape) * _itemsize(stage), 1, job.name)
             def card_and_record(tmp: Path) -> dict[str, str]:
                 # both carry the hashes of the finished shards, and are written inside the temporary
                 # folder: the folder only appears at `out` complete with them
@@ -207,7 +264,6 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
                 return {"README.md": card, RECORD: json.dumps(body, indent=2) + "\n"}
 
             writer.finish(info.config, vocab, card_and_record)
-        log.debug("largest cache of shared values: %.1f MB", ev.peak_cache_bytes / 1e6)
         return out
     finally:
         p.close()

@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
     b.add_argument("--online", dest="offline", action="store_false",
                    help="allow downloading Hub models that are not in the local HF cache")
+    b.add_argument("-t", "--threads", type=int, default=None,
+                   help="tensors evaluated at once (default: every core); the output is the same for any value")
+    b.add_argument("--hash-inputs", action="store_true",
+                   help="record full SHA-256s of input files (default: sampled fingerprints; files in "
+                        "the HF cache always have their real SHA-256 for free)")
 
     q = sub.add_parser("quantize", help="write a quantized GGUF (q4_k_m, q6_k, q8_0, ...)",
                        epilog="examples:\n  ggmerge quantize q4_k_m\n  ggmerge quantize Q6_K model.bf16.gguf -o m.Q6_K.gguf",

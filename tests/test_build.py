@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from ggmerge.build import build, prepare
 from ggmerge.miniature import ROLES, config, write_model
-from ggmerge.stream import Evaluator
+from ggmerge.evaluator import Evaluator
 
 SMALL = config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                num_hidden_layers=2)

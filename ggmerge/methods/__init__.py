@@ -80,6 +80,10 @@ class Method:
     max_models: int | None = None
     base_is_model: bool = False
     reference: str = ""
+    #: generalized task arithmetic: its sparsify function and consensus (None: none)
+    task_arithmetic: bool = False
+    sparsify: str | None = None
+    consensus: str | None = None
 
     def unknown(self, names) -> list[str]:
         """Parameter names this method does not know (mergekit silently ignores them; the recipe
@@ -170,6 +174,9 @@ def _gta(name: str, sparsify: str | None, consensus: str | None, normalize: bool
         # mergekit accepts a base alone (the result is the base); keep that.
         min_models=0,
         reference=reference,
+        task_arithmetic=True,
+        sparsify=sparsify,
+        consensus=consensus,
     )
 
 

@@ -71,9 +71,18 @@ def generalized_task_arithmetic(
     *,
     sparsify: str | None,
     consensus: str | None,
+    sparsifier: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    partial: tuple[int, torch.Tensor] | None = None,
+    on_partial: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """See the module docstring. ``params``: normalize, rescale, lambda (int8_mask is accepted and
-    ignored: in mergekit it only picks the dtype of the ±1 sign tensor, never changing a value)."""
+    ignored: in mergekit it only picks the dtype of the ±1 sign tensor, never changing a value).
+
+    For the chunked evaluator: ``sparsifier(i, delta)`` replaces the configured sparsify step for
+    model ``i`` (it applies masks and rescale factors computed over the whole tensor);
+    ``partial = (j, mixed)`` is the sum of the first ``j`` weighted deltas, already computed by
+    another stage, and ``on_partial(j, mixed)`` sees each such sum as it is built (only without a
+    consensus step, where the sum is a plain in-order accumulation)."""
     if base is None:
         raise ValueError("task arithmetic needs a base tensor")
     if not models:
@@ -81,9 +90,11 @@ def generalized_task_arithmetic(
     rescale = bool(params["rescale"])
     weights_f = [float(p["weight"]) for p in model_params]
 
-    def weighted_delta(model: torch.Tensor, p: dict[str, Any], w: float) -> torch.Tensor:
+    def weighted_delta(i: int, model: torch.Tensor, p: dict[str, Any], w: float) -> torch.Tensor:
         delta = model - base
-        if sparsify is not None:
+        if sparsifier is not None:
+            delta = sparsifier(i, delta)
+        elif sparsify is not None:
             delta = SPARSIFIERS[sparsify](delta, p, rescale, gen)
         # w rounded to the tensor's dtype first, exactly like mergekit's weight tensor
         return delta.mul_(torch.tensor(w, dtype=delta.dtype))
@@ -91,10 +102,12 @@ def generalized_task_arithmetic(
     if consensus is None or len(models) == 1:
         # No stacked [models, ...] tensor: accumulate in model order. torch's sum over dim 0 of the
         # stack adds the rows in the same order, so the bits are the same, at a fraction of the memory.
-        mixed = None
-        for model, p, w in zip(models, model_params, weights_f):
-            d = weighted_delta(model, p, w)
+        done, mixed = partial if partial is not None else (0, None)
+        for i in range(done, len(models)):
+            d = weighted_delta(i, models[i], model_params[i], weights_f[i])
             mixed = d if mixed is None else mixed.add_(d)
+            if on_partial is not None and i + 1 < len(models):
+                on_partial(i + 1, mixed)
         if consensus is None:
             divisor = torch.tensor(weights_f, dtype=base.dtype).sum()
             if divisor.abs() < 1e-8:
@@ -107,7 +120,7 @@ def generalized_task_arithmetic(
     else:
         deltas = torch.empty((len(models), *base.shape), dtype=base.dtype)
         for i, (model, p, w) in enumerate(zip(models, model_params, weights_f)):
-            deltas[i] = weighted_delta(model, p, w)
+            deltas[i] = weighted_delta(i, model, p, w)
         weights = torch.tensor(weights_f, dtype=base.dtype).reshape(len(models), *([1] * base.dim()))
         mask = consensus_mask(deltas, consensus)
         mixed = (deltas * mask).sum(dim=0)

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 from functools import lru_cache
 from pathlib import Path
@@ -104,6 +105,7 @@ class GGUFSource:
         self._vocab = None
         self._tokdir: Path | None = None
         self._file = None  # unbuffered reader of tensor bytes, opened on the first load
+        self._lock = threading.Lock()
         self._cleanup: weakref.finalize | None = None
 
     def _head_counts(self) -> dict:
@@ -147,10 +149,12 @@ class GGUFSource:
     def _read(self, t) -> np.ndarray:
         """A copy of ``t.data`` read from the file, not the map (see :mod:`.gguf_data`)."""
         if self._file is None:
-            try:
-                self._file = open(self.path, "rb", buffering=0)
-            except OSError as exc:
-                raise GGMergeError(f"cannot read: {exc.strerror or exc}", path=self.path) from None
+            with self._lock:
+                if self._file is None:
+                    try:
+                        self._file = open(self.path, "rb", buffering=0)
+                    except OSError as exc:
+                        raise GGMergeError(f"cannot read: {exc.strerror or exc}", path=self.path) from None
         return read_tensor_data(self._file, t, self.path)
 
     def load(self, name: str) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import BinaryIO
 import numpy as np
 
 from ..errors import GGMergeError
+from .readat import read_at
 
 
 def read_tensor_data(f: BinaryIO, t, path: Path) -> np.ndarray:
@@ -24,14 +25,10 @@ def read_tensor_data(f: BinaryIO, t, path: Path) -> np.ndarray:
                            tensor=t.name)
     buf = memoryview(out.reshape(-1).view(np.uint8))
     try:
-        f.seek(int(t.data_offset))
-        done = 0
-        while done < out.nbytes:  # a raw read may return less than asked (e.g. > 2 GB on Linux)
-            k = f.readinto(buf[done:])
-            if not k:
-                raise GGMergeError("the file ends inside this tensor's data (truncated?)", path=path,
-                                   tensor=t.name)
-            done += k
+        read_at(f.fileno(), buf, int(t.data_offset))
     except OSError as exc:
+        if not exc.strerror:  # our own "the file ends" error
+            raise GGMergeError("the file ends inside this tensor's data (truncated?)", path=path,
+                               tensor=t.name) from None
         raise GGMergeError(f"cannot read tensor: {exc.strerror or exc}", path=path, tensor=t.name) from None
     return out

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..arch import llama
 from ..errors import GGMergeError, did_you_mean
+from .readat import read_at
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ class SafetensorsSource:
         # file object (the reader of tensor bytes); both opened lazily, kept until close()
         self._handles: dict[Path, object] = {}
         self._files: dict[Path, object] = {}
+        self._lock = threading.Lock()
         self._shard_of: dict[str, Path] = {}
         for name, shard in shard_of.items():
             if any(rx.match(name) for rx in llama.IGNORED):
@@ -163,11 +166,15 @@ class SafetensorsSource:
     def _handle(self, shard: Path):
         h = self._handles.get(shard)
         if h is None:
-            try:
-                h = safe_open(str(shard), framework="pt", device="cpu")
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise GGMergeError(f"cannot open as safetensors: {exc}", path=shard) from None
-            self._handles[shard] = h
+            with self._lock:
+                h = self._handles.get(shard)
+                if h is not None:
+                    return h
+                try:
+                    h = safe_open(str(shard), framework="pt", device="cpu")
+                except (SafetensorError, OSError, ValueError) as exc:
+                    raise GGMergeError(f"cannot open as safetensors: {exc}", path=shard) from None
+                self._handles[shard] = h
         return h
 
     # -- TensorSource ----------------------------------------------------------------------------
@@ -195,41 +202,52 @@ class SafetensorsSource:
 
     def load(self, name: str) -> torch.Tensor:
         info = self._info(name)
+        shape = [int(d) for d in info["shape"]]
+        raw = self.read_rows(name, 0, shape[0] if shape else 1)
+        # the buffer is ours alone, so an F32 tensor needs no defensive copy
+        return raw if raw.dtype == torch.float32 else raw.to(torch.float32)
+
+    def read_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of ``name`` (dim 0; a 0-D or 1-D tensor is one row of everything) in the
+        dtype the file stores them, read (not mapped) into a new tensor. Thread-safe."""
+        info = self._info(name)
         shard = self._shard_of[name]
         self._handle(shard)  # safe_open validates the whole header once per shard (and names the file)
         dtype = _TORCH_DTYPES.get(str(info["dtype"]).upper())
         if dtype is None or sys.byteorder != "little":
-            return self._load_mapped(shard, name)
+            return self._load_mapped(shard, name)[r0:r1]
         try:
-            t = self._read(shard, info, dtype)
+            return self._read(shard, info, dtype, r0, r1)
         except OSError as exc:
             raise GGMergeError(f"cannot read tensor: {exc.strerror or exc}", path=shard, tensor=name) from None
         except (RuntimeError, ValueError, MemoryError) as exc:
             raise GGMergeError(f"cannot read tensor: {exc}", path=shard, tensor=name) from None
-        # the buffer is ours alone, so an F32 tensor needs no defensive copy
-        return t if t.dtype == torch.float32 else t.to(torch.float32)
 
-    def _read(self, shard: Path, info: dict, dtype: torch.dtype) -> torch.Tensor:
-        """The tensor's bytes read (not mapped) from ``shard`` into a new tensor of ``dtype``."""
+    def _read(self, shard: Path, info: dict, dtype: torch.dtype, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of the tensor's bytes read from ``shard`` into a new tensor of ``dtype``."""
         begin, end = (int(x) for x in info["data_offsets"])
-        t = torch.empty([int(d) for d in info["shape"]], dtype=dtype)
+        shape = [int(d) for d in info["shape"]]
+        t = torch.empty(shape, dtype=dtype)
         nbytes = t.numel() * t.element_size()
         if nbytes != end - begin:  # safe_open refuses such a header already; never read a wrong span
             raise ValueError(f"{info['dtype']} {info['shape']} needs {nbytes} bytes, data_offsets span {end - begin}")
+        if len(shape) >= 1 and (r0, r1) != (0, shape[0]):
+            row = nbytes // shape[0] if shape[0] else 0
+            t = torch.empty([r1 - r0, *shape[1:]], dtype=dtype)
+            begin, nbytes = begin + r0 * row, (r1 - r0) * row
         if nbytes == 0:
             return t
-        buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        read_at(self._fd(shard), memoryview(t.reshape(-1).view(torch.uint8).numpy()), self._data_start[shard] + begin)
+        return t
+
+    def _fd(self, shard: Path) -> int:
         f = self._files.get(shard)
         if f is None:
-            f = self._files[shard] = open(shard, "rb", buffering=0)
-        f.seek(self._data_start[shard] + begin)
-        done = 0
-        while done < nbytes:  # a raw read may return less than asked (e.g. > 2 GB on Linux)
-            k = f.readinto(buf[done:])
-            if not k:
-                raise OSError(f"the file ends {nbytes - done} bytes before the tensor does (changed while open?)")
-            done += k
-        return t
+            with self._lock:
+                f = self._files.get(shard)
+                if f is None:
+                    f = self._files[shard] = open(shard, "rb", buffering=0)
+        return f.fileno()
 
     def _load_mapped(self, shard: Path, name: str) -> torch.Tensor:
         """safe_open's own reader, through its memory map: for dtypes torch has no buffer type for."""

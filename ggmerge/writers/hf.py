@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -136,24 +137,37 @@ class HFWriter:
 
     # -- tensors ---------------------------------------------------------------------------------
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Round ``tensor`` (float32) to the output dtype and append it to the current shard."""
+        """Round ``tensor`` (float32, or already in the output dtype) to the output dtype and append it
+        to the current shard."""
+        self.add_rows(name, tuple(tensor.shape), [tensor])
+
+    def add_rows(self, name: str, shape: tuple[int, ...], parts: Iterable[torch.Tensor]) -> None:
+        """Append tensor ``name`` of ``shape`` given as consecutive row blocks (float32 or the output
+        dtype), so a large tensor never has to be whole in memory."""
         self._check_open()
         if name in self._names:
             raise GGMergeError("tensor written twice", path=self.folder, tensor=name)
-        t = tensor.detach()
-        if t.dtype not in (torch.float32, self.dtype):
-            t = t.to(torch.float32)
-        flat = t.contiguous().cpu().reshape(-1)
-        nbytes = flat.numel() * self._itemsize
+        numel = math.prod(shape)
+        nbytes = numel * self._itemsize
         try:
             if self._cur is None or (self._cur.entries and self._cur.size + nbytes > self.max_shard_bytes):
                 self._roll()
             cur = self._cur
-            # round and write in fixed-size chunks: the extra memory is one chunk, not a second copy
-            # of the tensor, and equal-sized buffers are reused by malloc instead of fragmenting it
-            for start in range(0, flat.numel(), _CHUNK):
-                part = round_to(flat[start:start + _CHUNK], self.dtype)
-                cur.fh.write(part.view(torch.uint8).numpy().data)
+            written = 0
+            for part in parts:
+                t = part.detach()
+                if t.dtype not in (torch.float32, self.dtype):
+                    t = t.to(torch.float32)
+                flat = t.contiguous().cpu().reshape(-1)
+                # round and write in fixed-size chunks: the extra memory is one chunk, not a second copy
+                # of the tensor, and equal-sized buffers are reused by malloc instead of fragmenting it
+                for start in range(0, flat.numel(), _CHUNK):
+                    piece = round_to(flat[start:start + _CHUNK], self.dtype)
+                    cur.fh.write(piece.view(torch.uint8).numpy().data)
+                written += flat.numel()
+            if written != numel:
+                raise GGMergeError(f"{written} values given for a tensor of shape {list(shape)}",
+                                   path=self.folder, tensor=name)
         except BaseException as exc:
             # a half-written tensor would shift every later offset: the output is lost, say so once
             self.abort()
@@ -161,7 +175,7 @@ class HFWriter:
                 raise GGMergeError(f"cannot write: {exc.strerror or exc}", path=self.folder,
                                    tensor=name) from None
             raise
-        cur.entries.append((name, SAFETENSORS_DTYPE[self.dtype], list(t.shape), cur.size, cur.size + nbytes))
+        cur.entries.append((name, SAFETENSORS_DTYPE[self.dtype], list(shape), cur.size, cur.size + nbytes))
         cur.size += nbytes
         self.total_size += nbytes
         self._names.add(name)
