@@ -143,6 +143,8 @@ def default_threads() -> int:
 #: output tensors at least this large (elements) are streamed to the writer chunk by chunk, in turn,
 #: instead of being evaluated ahead whole (a Llama-3 embedding is 525M elements)
 STREAM_ELEMS = 1 << 25
+#: finished output tensors that may wait for the writer (the pool runs ahead while a streamed one is written)
+LOOKAHEAD_BYTES = 512 << 20
 
 
 def evaluate_in_order(ev: Evaluator, jobs, dtype, *, threads: int | None = None):
@@ -153,14 +155,16 @@ def evaluate_in_order(ev: Evaluator, jobs, dtype, *, threads: int | None = None)
     import torch
     from concurrent.futures import ThreadPoolExecutor
 
+    from .buffers import POOL
     from .dtypes import round_to
 
     threads = default_threads() if threads is None else int(threads)
+    itemsize = torch.empty((), dtype=dtype).element_size()
     if threads < 1:
         raise GGMergeError(f"--threads must be at least 1, got {threads}", key="threads")
 
     def whole(name: str, shape) -> torch.Tensor:
-        out = torch.empty(shape, dtype=dtype)
+        out = POOL.empty(shape, dtype)
         for r0, r1, rows in ev.chunks(name):
             out[r0:r1] = round_to(rows, dtype)
         return out
@@ -175,14 +179,24 @@ def evaluate_in_order(ev: Evaluator, jobs, dtype, *, threads: int | None = None)
     try:
         futures: dict[int, object] = {}
         ahead = 0
+        pending = 0  # bytes of the results evaluated ahead, not yet written
         for i, job in enumerate(jobs):
-            while ahead < len(jobs) and ahead <= i + threads:
+            # run ahead by at least one tensor per worker, and further (while the writer or a streamed
+            # tensor keeps the main thread busy) up to LOOKAHEAD_BYTES of finished results
+            while ahead < len(jobs) and (ahead <= i + threads or pending < LOOKAHEAD_BYTES):
                 nxt = jobs[ahead]
                 if _numel(nxt.shape) < STREAM_ELEMS:
                     futures[ahead] = pool.submit(whole, nxt.name, tuple(nxt.shape))
+                    pending += _numel(nxt.shape) * itemsize
                 ahead += 1
             fut = futures.pop(i, None)
-            yield job, ([fut.result()] if fut is not None else streamed(job.name))
+            if fut is None:
+                yield job, streamed(job.name)
+                continue
+            t = fut.result()
+            yield job, [t]
+            pending -= _numel(job.shape) * itemsize
+            POOL.give(t)  # written: its buffer serves a later tensor of the same size
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(torch_threads)
@@ -236,7 +250,8 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
         jobs = ev.output_jobs()
         dtype = stage.out_dtype or stage.dtype
         total = sum(_numel(j.shape) for j in jobs) * _itemsize(stage)
-        writer = HFWriter(out, max_shard_bytes=p.recipe.shard_size, dtype=dtype, metadata=meta)
+        writer = HFWriter(out, max_shard_bytes=p.recipe.shard_size, dtype=dtype, metadata=meta,
+                          layout=[(j.name, tuple(j.shape)) for j in jobs])
         with writer:
             with progress.track(f"Merging {p.recipe.name}", total, len(jobs)) as bar:
                 for job, parts in evaluate_in_order(ev, jobs, dtype, threads=threads):

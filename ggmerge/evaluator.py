@@ -30,6 +30,7 @@ from typing import Iterator
 
 import torch
 
+from .buffers import POOL
 from .errors import GGMergeError
 from .methods import PARAM_KINDS, Method, seeded_generator
 from .methods import sparsify as sp
@@ -127,22 +128,28 @@ class Evaluator:
         """Tensor ``name`` of the output stage (or of the named intermediate ``stage``), float32.
         The output stage's result is not yet rounded to the output dtype; the writer does that."""
         run = self._run(name, stage)
-        if len(run.root.bounds) == 1 or run.root.mode == "whole":
-            return run.whole(run.root)
-        out = torch.empty(run.root.shape, dtype=torch.float32)
-        for r0, r1, t in run.chunks():
-            out[r0:r1] = t
-        return out
+        try:
+            if len(run.root.bounds) == 1 or run.root.mode == "whole":
+                return run.checked(run.whole(run.root))
+            out = torch.empty(run.root.shape, dtype=torch.float32)
+            for r0, r1, t in run.chunks():
+                out[r0:r1] = t
+            return out
+        finally:
+            run.close()
 
     def chunks(self, name: str, stage: str | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Tensor ``name`` as ``(r0, r1, rows)`` in row order, float32: the whole tensor never needs to
         be in memory at once."""
         run = self._run(name, stage)
-        if len(run.root.bounds) == 1 or run.root.mode == "whole":
-            t = run.whole(run.root)
-            yield 0, t.shape[0] if t.dim() else 1, t
-            return
-        yield from run.chunks()
+        try:
+            if len(run.root.bounds) == 1 or run.root.mode == "whole":
+                t = run.checked(run.whole(run.root))
+                yield 0, t.shape[0] if t.dim() else 1, t
+                return
+            yield from run.chunks()
+        finally:
+            run.close()
 
     def peak_bytes(self, name: str) -> int:
         """The bytes the evaluation of ``name`` keeps beyond its chunks (caches and whole-evaluated
@@ -170,8 +177,9 @@ class _Run:
         self.nodes: dict[tuple[str, str], _Node] = {}
         self.root = self._node(out_ref, name)
         self.root.consumers += 1
+        self._by_id = {id(n): n for n in self.nodes.values()}
         self._memo: dict[tuple[int, int], torch.Tensor] = {}
-        self._checked: set[tuple[int, int]] = set()
+        self._lent: list[torch.Tensor] = []  # buffers of the pool, given back by close()
         self._plan_caches()
         self._share_prefixes()
 
@@ -256,26 +264,50 @@ class _Run:
                        for op in node.operands)
 
     def _plan_caches(self) -> None:
-        """Decide which values to keep whole: a value read by more than one pass is kept (compact) when
-        it fits the budget, nearest the output first; else it is recomputed on each pass."""
+        """Decide which values to keep whole. The evaluation is a sequence of loops over the chunks
+        (a statistics pass per stats node, a pass per operand of a whole-evaluated node, the output
+        pass); a value reached by more than one loop is kept (compact) when it fits the budget, nearest
+        the output first, and recomputed by every loop otherwise."""
         order = self._topo()  # operands before consumers
-        passes: dict[int, int] = {id(n): 0 for n in order}
-        passes[id(self.root)] = 1
+        for node in order:
+            if not node.is_leaf and node.mode == "whole":
+                node.cache = True  # computed whole once, before the loops that read it
         budget = self.ev.cache_budget
-        for node in reversed(order):  # consumers first
-            n = passes[id(node)]
-            if node.mode == "whole" and not node.is_leaf:
-                node.cache = True  # computed whole once, before the passes that read it
-            elif node is not self.root and not node.cache and n > 1 and node.nbytes <= budget:
+        for node in reversed(order):  # consumers first: keeping one spares everything below it
+            if node is self.root or node.cache or node.nbytes > budget:
+                continue
+            if self._loops_reaching(order).get(id(node), 0) > 1:
                 node.cache = True
                 budget -= node.nbytes
+
+    def _loops_reaching(self, order: list[_Node]) -> dict[int, int]:
+        """How many chunk loops read each node, given the current ``cache`` flags (a kept value is
+        computed by the first loop that reaches it and read, not recomputed, by the later ones)."""
+        loops: list[list[_Node]] = []
+        for node in order:  # the order _prepare runs them in
             if node.is_leaf:
                 continue
-            n = 1 if node.cache else n
-            through = 1 if node.mode == "whole" else n + (1 if node.mode == "stats" else 0)
-            for op in node.operands:
-                passes[id(op)] += through
-        self._passes = passes
+            if node.mode == "stats":
+                loops.append(node.operands)
+            elif node.mode == "whole":
+                loops += [[op] for op in node.operands]
+        loops.append([self.root])
+        count: dict[int, int] = {}
+        filled: set[int] = set()
+        for drivers in loops:
+            seen: set[int] = set()
+            stack = list(drivers)
+            while stack:
+                n = stack.pop()
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                count[id(n)] = count.get(id(n), 0) + 1
+                if n.is_leaf or n.mode == "whole" or id(n) in filled:
+                    continue
+                stack.extend(n.operands)
+            filled |= {i for i in seen if self._by_id[i].cache}
+        return count
 
     def _topo(self) -> list[_Node]:
         seen: set[int] = set()
@@ -305,6 +337,20 @@ class _Run:
             if shared:
                 node.prefix = {len(k[1]): k for k in shared}
 
+    def _empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        t = POOL.empty(shape, dtype)
+        self._lent.append(t)
+        return t
+
+    def close(self) -> None:
+        """Give the pool back every buffer this tensor's evaluation took (its caches)."""
+        self._memo.clear()
+        for node in self.nodes.values():
+            node.full = None
+        for t in self._lent:
+            POOL.give(t)
+        self._lent.clear()
+
     def kept_bytes(self) -> int:
         return sum(n.nbytes for n in self.nodes.values() if n.cache and n is not self.root)
 
@@ -314,8 +360,22 @@ class _Run:
         self._prepare(root)
         for k, (r0, r1) in enumerate(root.bounds):
             self._memo.clear()
-            yield r0, r1, self._chunk(root, k)
+            yield r0, r1, self.checked(self._chunk(root, k))
         self._memo.clear()
+
+    def checked(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (output values) if finite. A NaN or infinity in any input reaches the output (NaN·0 is
+        NaN, so masks and zero weights keep it), so the inputs are checked here, on the one tensor
+        that already passes by, and searched only when something is wrong."""
+        if _finite(t):
+            return t
+        for node in self._topo():
+            if node.is_leaf:
+                src, real = self._leaf_source(node)
+                if not _finite(src.load(real)):
+                    raise GGMergeError("tensor contains NaN or infinity", path=src.path, tensor=real)
+        raise GGMergeError("the merge produced NaN or infinity (no input has one): check the weights and "
+                           "parameters of this tensor's stages", path=self.ev.recipe.path, tensor=self.root.name)
 
     def whole(self, node: _Node) -> torch.Tensor:
         """The whole value of ``node``, float32 (computed once; kept when the node is cached)."""
@@ -383,7 +443,7 @@ class _Run:
             t, compact = self._chunk_value(node, k)
         if node.cache:
             if node.full is None:
-                node.full = torch.empty(node.shape, dtype=node.dtype)
+                node.full = self._empty(node.shape, node.dtype)
             node.full[r0:r1] = t if compact is None else compact
             node.filled += 1
         if node.consumers > 1:
@@ -400,12 +460,11 @@ class _Run:
         where rows can be read raw (a bf16 source stays bf16 in memory)."""
         src, real = self._leaf_source(node)
         if hasattr(src, "read_rows") and node.dtype != torch.float32:
-            kept = src.read_rows(real, 0, node.shape[0] if node.shape else 1)
-            _check_finite(kept, src, real)
+            rows = node.shape[0] if node.shape else 1
+            kept = src.read_rows(real, 0, rows, out=self._empty(node.shape, node.dtype))
             t = kept.float() if widen else None
         else:
             t = kept = src.load(real)
-            _check_finite(t, src, real)
         if node.cache:
             node.full, node.filled = kept, len(node.bounds)
         return t
@@ -414,11 +473,7 @@ class _Run:
         src, real = self._leaf_source(node)
         r0, r1 = node.bounds[k]
         raw = src.read_rows(real, r0, r1)
-        t = raw if raw.dtype == torch.float32 else raw.float()
-        if (id(node), k) not in self._checked:  # each row once, however many passes read it
-            _check_finite(t, src, real)
-            self._checked.add((id(node), k))
-        return t
+        return raw if raw.dtype == torch.float32 else raw.float()
 
     # -- stage values --------------------------------------------------------------------------
     def _split(self, node: _Node, values: list[torch.Tensor]):
@@ -607,13 +662,12 @@ def _model_stock_apply(base: torch.Tensor, models: list[torch.Tensor], t: torch.
     return t * average + (1 - t) * base
 
 
-def _check_finite(t: torch.Tensor, src, name: str) -> None:
+def _finite(t: torch.Tensor) -> bool:
     if not t.is_floating_point() or not t.numel():
-        return
+        return True
     # one reduction pass, no bool temporary: NaN propagates through min/max, ±inf shows as itself
     lo, hi = torch.aminmax(t)
-    if not (torch.isfinite(lo) and torch.isfinite(hi)):
-        raise GGMergeError("tensor contains NaN or infinity", path=src.path, tensor=name)
+    return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
 def _prefix_keys(node: _Node) -> list[tuple]:

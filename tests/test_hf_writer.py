@@ -188,3 +188,37 @@ def test_model_card(tmp_path):
     # a recipe containing a fence still renders as one code block
     tricky = model_card("x", "a: |\n  ```\n  b\n  ```\n", [], {}, {})
     assert "````yaml\n" in tricky
+
+
+def test_announced_layout_writes_the_same_bytes_without_spill(tiny_mistral, tmp_path, monkeypatch):
+    """With the layout known in advance each header is written first: the same files, byte for byte,
+    and never a spill file to copy; a tensor off the layout is refused and nothing appears."""
+    import ggmerge.writers.hf as hf
+
+    src = open_source(tiny_mistral)
+    names = src.names()
+    limit = max(2 * torch.Size(src.shape(n)).numel() for n in names) + 1
+    with HFWriter(tmp_path / "spilled", max_shard_bytes=limit) as w:
+        for n in names:
+            w.add(n, src.load(n))
+        w.finish(src.config())
+    copies = []
+    monkeypatch.setattr(hf, "_copy_into", lambda *a: copies.append(a))
+    layout = [(n, src.shape(n)) for n in names]
+    with HFWriter(tmp_path / "planned", max_shard_bytes=limit, layout=layout) as w:
+        for n in names:
+            w.add_rows(n, src.shape(n), [src.load(n)[:1], src.load(n)[1:]])
+        w.finish(src.config())
+    assert not copies
+    files = sorted(p.name for p in (tmp_path / "spilled").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "planned").iterdir()) and len(files) > 4
+    for f in files:
+        assert (tmp_path / "spilled" / f).read_bytes() == (tmp_path / "planned" / f).read_bytes(), f
+    with pytest.raises(GGMergeError, match="announced layout"):
+        with HFWriter(tmp_path / "off", layout=layout) as w:
+            w.add(names[1], src.load(names[1]))
+    with pytest.raises(GGMergeError, match="not complete"):
+        with HFWriter(tmp_path / "short", layout=layout) as w:
+            w.add(names[0], src.load(names[0]))
+            w.finish(src.config())
+    assert not (tmp_path / "off").exists() and not (tmp_path / "short").exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -207,9 +208,10 @@ class SafetensorsSource:
         # the buffer is ours alone, so an F32 tensor needs no defensive copy
         return raw if raw.dtype == torch.float32 else raw.to(torch.float32)
 
-    def read_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+    def read_rows(self, name: str, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``[r0, r1)`` of ``name`` (dim 0; a 0-D or 1-D tensor is one row of everything) in the
-        dtype the file stores them, read (not mapped) into a new tensor. Thread-safe."""
+        dtype the file stores them, read (not mapped) into a new tensor, or into ``out`` (contiguous, of
+        that dtype and size). Thread-safe."""
         info = self._info(name)
         shard = self._shard_of[name]
         self._handle(shard)  # safe_open validates the whole header once per shard (and names the file)
@@ -217,24 +219,30 @@ class SafetensorsSource:
         if dtype is None or sys.byteorder != "little":
             return self._load_mapped(shard, name)[r0:r1]
         try:
-            return self._read(shard, info, dtype, r0, r1)
+            return self._read(shard, info, dtype, r0, r1, out)
         except OSError as exc:
             raise GGMergeError(f"cannot read tensor: {exc.strerror or exc}", path=shard, tensor=name) from None
         except (RuntimeError, ValueError, MemoryError) as exc:
             raise GGMergeError(f"cannot read tensor: {exc}", path=shard, tensor=name) from None
 
-    def _read(self, shard: Path, info: dict, dtype: torch.dtype, r0: int, r1: int) -> torch.Tensor:
-        """Rows ``[r0, r1)`` of the tensor's bytes read from ``shard`` into a new tensor of ``dtype``."""
+    def _read(self, shard: Path, info: dict, dtype: torch.dtype, r0: int, r1: int,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of the tensor's bytes read from ``shard`` into a tensor of ``dtype``."""
         begin, end = (int(x) for x in info["data_offsets"])
         shape = [int(d) for d in info["shape"]]
-        t = torch.empty(shape, dtype=dtype)
-        nbytes = t.numel() * t.element_size()
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if nbytes != end - begin:  # safe_open refuses such a header already; never read a wrong span
             raise ValueError(f"{info['dtype']} {info['shape']} needs {nbytes} bytes, data_offsets span {end - begin}")
         if len(shape) >= 1 and (r0, r1) != (0, shape[0]):
             row = nbytes // shape[0] if shape[0] else 0
-            t = torch.empty([r1 - r0, *shape[1:]], dtype=dtype)
+            shape = [r1 - r0, *shape[1:]]
             begin, nbytes = begin + r0 * row, (r1 - r0) * row
+        if out is None:
+            t = torch.empty(shape, dtype=dtype)
+        else:
+            if out.dtype != dtype or out.numel() != math.prod(shape) or not out.is_contiguous():
+                raise ValueError(f"read_rows: out must be contiguous {dtype} with {math.prod(shape)} elements")
+            t = out.view(shape)
         if nbytes == 0:
             return t
         read_at(self._fd(shard), memoryview(t.reshape(-1).view(torch.uint8).numpy()), self._data_start[shard] + begin)

@@ -1,7 +1,9 @@
 """The HF writer: a model folder of sharded safetensors (bf16 by default), streamed one tensor at a time.
 
 A safetensors file starts with a JSON header listing every tensor's offsets, so a shard cannot be
-written front to back before all of its tensors are known. Rather than holding a shard (up to
+written front to back before all of its tensors are known. When the caller announces the ``layout``
+(every tensor's name and shape, in order — a merge plan knows it), each shard's header is written first
+and the tensors go straight behind it. Otherwise, rather than holding a shard (up to
 ``max_shard_bytes``) in memory, each tensor's bytes are appended to a spill file as they arrive; when a
 shard is full its header is written and the spill is copied behind it in the kernel
 (``os.copy_file_range``). Memory stays at one tensor; disk holds at most one extra shard.
@@ -45,7 +47,7 @@ SINGLE_NAME = "model.safetensors"
 @dataclass
 class _Shard:
     number: int
-    spill: Path
+    spill: Path | None  # None: the header was written first (the layout was known in advance)
     fh: object
     entries: list[tuple[str, str, list[int], int, int]] = field(default_factory=list)
     size: int = 0
@@ -106,7 +108,7 @@ class HFWriter:
 
     def __init__(self, folder: str | os.PathLike, *, max_shard_bytes: float = 5e9,
                  dtype: torch.dtype | str = torch.bfloat16, metadata: dict | None = None,
-                 overwrite: bool = True) -> None:
+                 overwrite: bool = True, layout: list[tuple[str, tuple[int, ...]]] | None = None) -> None:
         if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian
             raise GGMergeError("writing safetensors needs a little-endian machine")
         self.folder = Path(folder)
@@ -132,6 +134,9 @@ class HFWriter:
             raise _explain(exc, self.folder) from None
         self._shards: list[_Shard] = []
         self._cur: _Shard | None = None
+        # with the whole layout (every tensor's name and shape, in order) known in advance, each shard's
+        # header is written first and the tensors straight behind it: no spill file to copy
+        self._planned = self._split(layout) if layout is not None else None
         self._names: set[str] = set()
         self.total_size = 0
 
@@ -149,6 +154,11 @@ class HFWriter:
             raise GGMergeError("tensor written twice", path=self.folder, tensor=name)
         numel = math.prod(shape)
         nbytes = numel * self._itemsize
+        if self._planned is not None:
+            n = len(self._names)
+            if n >= len(self._flat_plan) or self._flat_plan[n] != (name, tuple(shape)):
+                self.abort()
+                raise GGMergeError("tensor written out of the announced layout", path=self.folder, tensor=name)
         try:
             if self._cur is None or (self._cur.entries and self._cur.size + nbytes > self.max_shard_bytes):
                 self._roll()
@@ -180,16 +190,41 @@ class HFWriter:
         self.total_size += nbytes
         self._names.add(name)
 
+    def _split(self, layout) -> list[list[tuple[str, str, list[int], int, int]]]:
+        """The shards ``add_rows`` will make for ``layout``, as header entries (the same rule: a new
+        shard when the next tensor would take a non-empty one past ``max_shard_bytes``)."""
+        shards: list[list] = []
+        size = 0
+        self._flat_plan = [(name, tuple(int(d) for d in shape)) for name, shape in layout]
+        for name, shape in self._flat_plan:
+            nbytes = math.prod(shape) * self._itemsize
+            if not shards or (shards[-1] and size + nbytes > self.max_shard_bytes):
+                shards.append([])
+                size = 0
+            shards[-1].append((name, SAFETENSORS_DTYPE[self.dtype], list(shape), size, size + nbytes))
+            size += nbytes
+        return shards
+
     def _roll(self) -> None:
         if self._cur is not None:
             self._close_shard(self._cur)
         n = len(self._shards) + 1
-        spill = self.tmp / f".shard-{n:05d}.spill"
-        self._cur = _Shard(n, spill, open(spill, "wb"))
+        if self._planned is not None:
+            path = self.tmp / f".shard-{n:05d}.safetensors"
+            fh = open(path, "wb")
+            fh.write(safetensors_header(self._planned[n - 1], self.metadata))
+            self._cur = _Shard(n, None, fh)
+        else:
+            spill = self.tmp / f".shard-{n:05d}.spill"
+            self._cur = _Shard(n, spill, open(spill, "wb"))
         self._shards.append(self._cur)
 
     def _close_shard(self, shard: _Shard) -> None:
         shard.fh.close()
+        if shard.spill is None:
+            if shard.entries != self._planned[shard.number - 1]:
+                raise GGMergeError("the tensors written differ from the announced layout", path=self.folder)
+            return
         out = self.tmp / f".shard-{shard.number:05d}.safetensors"
         with open(out, "wb") as f:
             f.write(safetensors_header(shard.entries, self.metadata))
@@ -208,6 +243,9 @@ class HFWriter:
         try:
             if self._cur is None:
                 raise GGMergeError("no tensors were written", path=self.folder)
+            if self._planned is not None and len(self._names) != len(self._flat_plan):
+                missing = self._flat_plan[len(self._names)][0]
+                raise GGMergeError("the announced layout is not complete", path=self.folder, tensor=missing)
             self._close_shard(self._cur)
             self._cur = None
             self._name_shards()

@@ -6,6 +6,7 @@
 Passes (each tool measured as its own child by launch.py; runs interleaved anchor, ggmerge, floor so
 that load changes hit all three alike; medians over --runs):
   merge     the seed recipe: ggmerge build (one multi-document recipe) vs mergekit-yaml stage by stage
+  merge_multi  the same recipe file run by mergekit-multi in one process (mergekit's best case)
   convert   HF (Ninja-v1-RP, 3 shards) → BF16 GGUF: ggmerge convert vs convert_hf_to_gguf.py
   q4_k_m    BF16 GGUF (llama.cpp's) → Q4_K_M: ggmerge quantize vs llama_model_quantize (+ byte identity)
   q6_k      the same for Q6_K
@@ -35,7 +36,7 @@ from make_models import NINJA, SIZES, make_models, n_params
 from seed_recipe import ggmerge_recipe, mergekit_stages
 
 log = logging.getLogger("bench")
-PASSES = ["merge", "convert", "q4_k_m", "q6_k"]
+PASSES = ["merge", "merge_multi", "convert", "q4_k_m", "q6_k"]
 METRICS = ["wall", "cpu", "maxrss", "rss_anon", "rss_file", "rchar", "wchar", "read_bytes", "write_bytes", "minflt"]
 
 
@@ -126,6 +127,33 @@ class Bench:
             self._floor("merge", inputs, out_bytes)
         self.results["passes"]["merge"]["io"] = {"in": _size(inputs), "out": out_bytes}
 
+    def merge_multi(self) -> None:
+        """mergekit's best case: mergekit-multi runs the same multi-document file in one process (it still
+        writes each intermediate model to disk and reads it back)."""
+        mk_bin = anchors.ensure_mergekit(anchors.CACHE)
+        wdir = self.work / "merge_multi"
+        recipe = wdir / "seed.yaml"
+        wdir.mkdir(parents=True, exist_ok=True)
+        recipe.write_text(ggmerge_recipe(self.models))
+        inputs = sorted(self.models.glob("*/*.safetensors"))
+        mk_out, inter, gg_out = wdir / "mergekit-out", wdir / "mergekit-intermediate", wdir / "ggmerge-out"
+        mk_cmd = [str(mk_bin / "mergekit-multi"), str(recipe), "-I", str(inter), "--out-path", str(mk_out),
+                  "--random-seed", "0"]
+        gg_cmd = anchors.ggmerge_cmd("build", str(recipe), "-o", str(gg_out), "--force")
+        out_bytes = 0
+        for r in range(self.runs):
+            rec = self.measure("merge_multi-mergekit", mk_cmd)
+            out_bytes = _size(mk_out.glob("*.safetensors")) or out_bytes
+            self._record("merge_multi", "anchor", rec, shlex.join(mk_cmd), {"name": "mergekit-multi 0.1.5"})
+            shutil.rmtree(mk_out, ignore_errors=True)
+            shutil.rmtree(inter, ignore_errors=True)
+            rec = self.measure("merge_multi-ggmerge", gg_cmd)
+            out_bytes = out_bytes or _size(gg_out.glob("*.safetensors"))
+            self._record("merge_multi", "ggmerge", rec, shlex.join(gg_cmd), {"name": "ggmerge build"})
+            shutil.rmtree(gg_out, ignore_errors=True)
+            self._floor("merge_multi", inputs, out_bytes)
+        self.results["passes"]["merge_multi"]["io"] = {"in": _size(inputs), "out": out_bytes}
+
     def convert(self) -> None:
         src = self.models / NINJA
         wdir = self.work / "convert"
@@ -197,6 +225,8 @@ class Bench:
             meta = {"cmdline": self.cmdline, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": self.runs}
             if pas == "merge":
                 self.merge()
+            elif pas == "merge_multi":
+                self.merge_multi()
             elif pas == "convert":
                 self.convert()
             else:
