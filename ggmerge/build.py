@@ -8,6 +8,7 @@ recipe, lineage and hashes, and ``ggmerge-build.json`` — the record ``ggmerge 
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -175,6 +176,9 @@ def evaluate_in_order(ev: Evaluator, jobs, dtype, *, threads: int | None = None)
 
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # the interpreter's long-lived objects (imported libraries, the plan) are never garbage: keep the
+    # cyclic collector's periodic sweeps from walking them all again while the pass runs
+    gc.freeze()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="ggmerge-eval")
     try:
         futures: dict[int, object] = {}
@@ -200,6 +204,7 @@ def evaluate_in_order(ev: Evaluator, jobs, dtype, *, threads: int | None = None)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(torch_threads)
+        gc.unfreeze()
 
 
 def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: bool = False,

@@ -33,7 +33,7 @@ import torch
 from .buffers import POOL
 from .errors import GGMergeError
 from .methods import PARAM_KINDS, Method, seeded_generator
-from .methods import sparsify as sp
+from .methods import bernoulli, sparsify as sp
 from .methods.task_arithmetic import generalized_task_arithmetic
 from .methods.model_stock import model_stock_t
 from .recipe.params import resolve
@@ -310,19 +310,7 @@ class _Run:
         return count
 
     def _topo(self) -> list[_Node]:
-        seen: set[int] = set()
-        order: list[_Node] = []
-
-        def visit(n: _Node) -> None:
-            if id(n) in seen:
-                return
-            seen.add(id(n))
-            for op in n.operands:
-                visit(op)
-            order.append(n)
-
-        visit(self.root)
-        return order
+        return _postorder(self.root, lambda n: n.operands)
 
     def _share_prefixes(self) -> None:
         """Task-arithmetic stages on the same base whose first models and weights agree (the seed's five
@@ -346,7 +334,7 @@ class _Run:
         """Give the pool back every buffer this tensor's evaluation took (its caches)."""
         self._memo.clear()
         for node in self.nodes.values():
-            node.full = None
+            node.full = node.stats = None
         for t in self._lent:
             POOL.give(t)
         self._lent.clear()
@@ -411,20 +399,12 @@ class _Run:
                 self._collect_stats(n)
 
     def _topo_from(self, node: _Node) -> list[_Node]:
-        seen: set[int] = set()
-        order: list[_Node] = []
+        """Nodes below ``node`` still to be prepared, operands first (a whole-evaluated node computes
+        its own operands; a complete value needs nothing)."""
+        def below(n: _Node) -> list[_Node]:
+            return n.operands if (n.is_leaf or n.mode != "whole") else []
 
-        def visit(n: _Node) -> None:
-            if id(n) in seen or (n.full is not None and n.filled >= len(n.bounds)):
-                return
-            seen.add(id(n))
-            if n.is_leaf or n.mode != "whole":
-                for op in n.operands:
-                    visit(op)
-            order.append(n)
-
-        visit(node)
-        return order
+        return [n for n in _postorder(node, below) if not (n.full is not None and n.filled >= len(n.bounds))]
 
     def _chunk(self, node: _Node, k: int) -> torch.Tensor:
         """Rows of chunk ``k`` of ``node``, float32 (memoised for the current chunk)."""
@@ -583,9 +563,7 @@ class _Run:
         for i, p in enumerate(node.model_params):
             states.append(gen.get_state())
             if i + 1 < len(node.model_params) and float(p["density"]) < 1:
-                for r0, r1 in node.bounds:  # advance past this model's draws
-                    n = (r1 - r0) * (numel // node.shape[0])
-                    torch.bernoulli(torch.full((n,), float(p["density"])), generator=gen)
+                bernoulli.skip(gen, numel)  # past this model's draws
         rescale = bool(node.params["rescale"])
         ratios: list = [None] * len(node.model_params)
         # the masks drawn here are kept for the value pass when they fit (one byte per entry)
@@ -603,11 +581,11 @@ class _Run:
                     if float(p["density"]) >= 1:
                         continue
                     d = (m - base).abs_()
-                    mask = torch.bernoulli(torch.full_like(d, float(p["density"])), generator=gens[i])
+                    mask = bernoulli.bernoulli_mask(d.shape, float(p["density"]), gens[i])
                     before[i] += float(d.sum(dtype=torch.float64))
                     after[i] += float((d.mul_(mask)).sum(dtype=torch.float64))
                     if keep:
-                        masks[i].append(mask.bool())
+                        masks[i].append(mask)
             self._memo.clear()
             for i in range(len(ratios)):
                 b = torch.tensor(before[i], dtype=torch.float32)
@@ -615,6 +593,27 @@ class _Run:
                 if not (b < sp.RESCALE_EPS or a < sp.RESCALE_EPS):
                     ratios[i] = b / a
         return {"states": states, "ratios": ratios, "gens": None, "masks": masks}
+
+
+def _postorder(root: _Node, children) -> list[_Node]:
+    """Every node reachable from ``root`` through ``children(node)``, each after its children
+    (iterative: no recursive closure keeping the graph alive in a reference cycle)."""
+    order: list[_Node] = []
+    seen: set[int] = set()
+    stack: list[tuple[_Node, bool]] = [(root, False)]
+    while stack:
+        n, expanded = stack.pop()
+        if expanded:
+            order.append(n)
+            continue
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        stack.append((n, True))
+        for c in reversed(children(n)):
+            if id(c) not in seen:
+                stack.append((c, False))
+    return order
 
 
 def _is_identity(row_map, rows_in: int, rows_out: int) -> bool:
@@ -637,7 +636,7 @@ def _dare_chunk(delta: torch.Tensor, p: dict, gen: torch.Generator, ratio, mask=
     if density >= 1:
         return delta
     if mask is None:
-        mask = torch.bernoulli(torch.full_like(delta, density), generator=gen)
+        mask = bernoulli.bernoulli_mask(delta.shape, density, gen)
     masked = delta * mask
     return masked if ratio is None else masked * ratio
 
