@@ -44,11 +44,13 @@ def default_output(recipe: Recipe) -> Path:
     return recipe.path.resolve().parent / "out" / recipe.name
 
 
-def prepare(recipe_path: str | os.PathLike = "ggmerge.yaml", *, offline: bool = True) -> Prepared:
-    """Load, open and plan; raises GGMergeError for any problem before anything is written."""
+def prepare(recipe_path: str | os.PathLike = "ggmerge.yaml", *, offline: bool = True,
+            strict: bool = False) -> Prepared:
+    """Load, open and plan; raises GGMergeError for any problem before anything is written.
+    ``strict``: keys and parameters mergekit ignores are errors, not warnings."""
     from .tokenizer.hf_vocab import read_hf
 
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, strict=strict)
     root = recipe.path.resolve().parent
     if recipe.miniature:
         from .miniature import ensure_lineage
@@ -73,14 +75,44 @@ def prepare(recipe_path: str | os.PathLike = "ggmerge.yaml", *, offline: bool = 
     return Prepared(recipe, inputs, infos, paths)
 
 
-def describe(p: Prepared) -> dict:
+def memory_estimate(p: Prepared, threads: int | None = None) -> int:
+    """Peak anonymous memory of ``build`` for this plan, in bytes: this process as it is now (libraries
+    imported, sources opened, tokenizers read: what the build holds before its pass) plus the worst
+    moment of the pass, simulated in job order — ``threads`` consecutive tensors being evaluated and one
+    being written (each with its caches and its output), or a streamed tensor in the main thread while
+    the workers fill the look-ahead with finished results."""
+    threads = default_threads() if threads is None else int(threads)
+    out_info = p.infos[-1]
+    itemsize = _itemsize(out_info.stage)
+    ev = Evaluator(p.recipe, p.inputs)
+    worst = 0
+    window: list[int] = []
+    for job in out_info.jobs.values():
+        foot = ev.peak_bytes(job.name)
+        if _numel(job.shape) >= STREAM_ELEMS:
+            worst = max(worst, foot + LOOKAHEAD_BYTES + sum(window[-threads:]))
+            continue
+        window = (window + [foot + _numel(job.shape) * itemsize])[-(threads + 1):]
+        worst = max(worst, sum(window))
+    return _rss_anon() + worst
+
+
+def _rss_anon() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return 0
+
+
+def describe(p: Prepared, threads: int | None = None) -> dict:
     """What ``--dry-run`` prints: stages, inputs, methods, tensor count, memory and disk estimates."""
     out_info = p.infos[-1]
     jobs = list(out_info.jobs.values())
     numel = [_numel(j.shape) for j in jobs]
-    # upper bound of float32 values alive at once for the largest tensor: every distinct graph node
-    nodes = _graph_nodes(p, out_info.stage.label)
-    largest = max(numel) if numel else 0
     return {
         "name": p.recipe.name,
         "recipe": str(p.recipe.path),
@@ -100,24 +132,8 @@ def describe(p: Prepared) -> dict:
         "parameters": sum(numel),
         "vocab_size": out_info.config.get("vocab_size"),
         "disk_bytes": sum(n * _itemsize(out_info.stage) for n in numel),
-        "peak_memory_bytes": largest * 4 * nodes,
+        "peak_memory_bytes": memory_estimate(p, threads),
     }
-
-
-def _graph_nodes(p: Prepared, label: str) -> int:
-    seen = set()
-
-    def walk(ref: str):
-        if ref in seen:
-            return
-        seen.add(ref)
-        st = p.recipe.stage(ref) if not ref.startswith("\0") else p.recipe.output
-        if st is not None:
-            for r in st.inputs():
-                walk(r)
-
-    walk(p.recipe.output.name or "\0output")
-    return len(seen)
 
 
 def _numel(shape) -> int:
@@ -145,7 +161,7 @@ def default_threads() -> int:
 #: instead of being evaluated ahead whole (a Llama-3 embedding is 525M elements)
 STREAM_ELEMS = 1 << 25
 #: finished output tensors that may wait for the writer (the pool runs ahead while a streamed one is written)
-LOOKAHEAD_BYTES = 512 << 20
+LOOKAHEAD_BYTES = 256 << 20
 
 
 def evaluate_in_order(ev: Evaluator, jobs, dtype, *, threads: int | None = None):
@@ -209,7 +225,7 @@ def evaluate_in_order(ev: Evaluator, jobs, dtype, *, threads: int | None = None)
 
 def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: bool = False,
           force: bool = False, offline: bool = True, threads: int | None = None,
-          hash_inputs: bool = False) -> Path | None:
+          hash_inputs: bool = False, strict: bool = False) -> Path | None:
     """Run ``recipe`` and write the merged HF model; returns the output folder (None for a dry run).
     ``threads``: tensors evaluated at once (default: every core this process may use);
     ``hash_inputs``: record full SHA-256s of input files not in the HF cache (default: sampled
@@ -219,12 +235,12 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
     from .writers.hf import HFWriter
     from . import progress
 
-    p = prepare(recipe, offline=offline)
+    p = prepare(recipe, offline=offline, strict=strict)
     try:
         out = Path(output) if output else default_output(p.recipe)
         if dry_run:
             from .report import print_plan
-            print_plan(describe(p), out)
+            print_plan(describe(p, threads), out)
             return None
         inputs_fp = {ref: fingerprint(path, full=hash_inputs) for ref, path in p.leaf_paths.items()}
         inputs_hash = combined({ref: combined(fp) for ref, fp in inputs_fp.items()})
@@ -291,8 +307,6 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
 
 
 def _template(spec: str, root: Path, resolve_template) -> str:
-    """A recipe's ``chat_template``: a literal Jinja string, a built-in name, or a file beside the recipe."""
-    if "{%" in spec or "{{" in spec:
-        return spec
-    beside = root / spec
-    return resolve_template(str(beside) if beside.is_file() else spec)
+    """A recipe's ``chat_template``: already the template text — the recipe loader resolved the name,
+    file or literal (and the planner ``auto``), so ``--dry-run`` fails on a bad one like a build."""
+    return spec

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--hash-inputs", action="store_true",
                    help="record full SHA-256s of input files (default: sampled fingerprints; files in "
                         "the HF cache always have their real SHA-256 for free)")
+    b.add_argument("--strict", action="store_true",
+                   help="refuse recipe keys and parameters mergekit ignores (default: ignore them with a warning)")
 
     q = sub.add_parser("quantize", help="write a quantized GGUF (q4_k_m, q6_k, q8_0, ...)",
                        epilog="examples:\n  ggmerge quantize q4_k_m\n  ggmerge quantize Q6_K model.bf16.gguf -o m.Q6_K.gguf",

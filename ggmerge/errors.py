@@ -46,3 +46,22 @@ def did_you_mean(word: str, choices) -> str:
 
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def raise_all(problems: list[GGMergeError], log=None) -> None:
+    """Raise the first of ``problems`` (if any) with the others logged one line each before it, so a
+    user fixes every range or key mistake of a recipe in one go while the error itself stays one
+    line. The others travel as ``.others`` for callers that want them."""
+    if not problems:
+        return
+    import logging
+
+    log = log or logging.getLogger(__name__)
+    first, rest = problems[0], problems[1:]
+    for p in rest:
+        log.error("%s", p)
+    if rest:
+        first = GGMergeError(f"{first.message} (and {len(rest)} more problem(s), listed above)",
+                             path=first.path, tensor=first.tensor, key=first.key, line=first.line)
+    first.others = list(rest)
+    raise first

@@ -152,10 +152,9 @@ class Evaluator:
             run.close()
 
     def peak_bytes(self, name: str) -> int:
-        """The bytes the evaluation of ``name`` keeps beyond its chunks (caches and whole-evaluated
-        values): what ``--dry-run`` adds up for its memory estimate."""
-        run = self._run(name, None)
-        return run.kept_bytes()
+        """The most memory the evaluation of ``name`` holds at once (caches, whole-evaluated values,
+        kept masks, one chunk of every node): what ``--dry-run`` adds up for its memory estimate."""
+        return self._run(name, None).footprint()
 
     # -- graph ---------------------------------------------------------------------------------
     def _stage_info(self, ref: str) -> StageInfo | None:
@@ -340,7 +339,26 @@ class _Run:
         self._lent.clear()
 
     def kept_bytes(self) -> int:
+        """Bytes of the values kept whole across passes (in their compact dtypes)."""
         return sum(n.nbytes for n in self.nodes.values() if n.cache and n is not self.root)
+
+    def footprint(self) -> int:
+        """An estimate of the most bytes this evaluation holds at once: the kept values; for a value
+        evaluated whole, its float32 operands and result while its method runs (one such at a time);
+        DARE masks kept between passes (a byte an entry); every node's current chunk, twice over for
+        the method's temporaries."""
+        kept = self.kept_bytes()
+        whole = 0
+        masks = 0
+        for n in self.nodes.values():
+            numel = math.prod(n.shape)
+            if not n.is_leaf and n.mode == "whole":
+                whole = max(whole, 4 * (numel + sum(math.prod(op.shape) for op in n.operands)))
+            if not n.is_leaf and n.mode == "stats" and n.info.stage.method.sparsify == "random" \
+                    and n.params["rescale"] and numel * len(n.model_params) <= self.ev.cache_budget // 2:
+                masks += numel * len(n.model_params)
+        chunk = max(math.ceil(math.prod(n.shape) / len(n.bounds)) for n in self.nodes.values())
+        return kept + whole + masks + 2 * 4 * chunk * len(self.nodes)
 
     # -- evaluation ----------------------------------------------------------------------------
     def chunks(self) -> Iterator[tuple[int, int, torch.Tensor]]:

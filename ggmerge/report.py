@@ -38,5 +38,5 @@ def print_plan(d: dict, output: Path) -> None:
     out.print(f"output tensors: {d['output_tensors']}   parameters: {d['parameters']:,}   "
               f"vocab size: {d['vocab_size']}")
     out.print(f"disk needed for {output}: ~{human_bytes(d['disk_bytes'])}   "
-              f"peak tensor memory (upper bound): ~{human_bytes(d['peak_memory_bytes'])}")
+              f"peak memory (estimate, anonymous): ~{human_bytes(d['peak_memory_bytes'])}")
     out.print("no intermediate model is written; nothing was written by this dry run.")

@@ -124,3 +124,28 @@ def test_rebuild_is_skipped_when_up_to_date(lineage, tmp_path, caplog):
     build(str(lineage / "ggmerge.yaml"), str(tmp_path / "o"))
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     assert "up to date" in caplog.text
+
+
+def test_input_fingerprints_sampled_by_default_full_on_request(lineage, tmp_path, monkeypatch):
+    """Large inputs are fingerprinted from a few MiB (no second read of the model); --hash-inputs records
+    the real SHA-256; both change when a weight deep inside the file changes."""
+    import shutil
+
+    import ggmerge.fingerprint as fp
+
+    monkeypatch.setattr(fp, "SAMPLE_MIN", 1000)  # the tiny test models count as large
+    monkeypatch.setenv("GGMERGE_CACHE", str(tmp_path / "cache"))
+    f = lineage / "models" / "Ninja-v1-RP" / "model.safetensors"
+    sampled = fp.fingerprint(f.parent)["model.safetensors"]
+    assert sampled.startswith(fp.SAMPLED) and sampled == fp.fingerprint(f.parent)["model.safetensors"]
+    assert fp.fingerprint(f.parent, full=True)["model.safetensors"] == hashlib.sha256(f.read_bytes()).hexdigest()
+    # once the full hash is known (cached by path, size, mtime) it is used
+    assert fp.fingerprint(f.parent)["model.safetensors"] == hashlib.sha256(f.read_bytes()).hexdigest()
+    copy = tmp_path / "copy"
+    shutil.copytree(f.parent, copy)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    at = len(data) * 100 // 257 + 5  # inside the 100th sample
+    data[at] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    changed = fp.fingerprint(copy)["model.safetensors"]
+    assert changed.startswith(fp.SAMPLED) and changed != sampled

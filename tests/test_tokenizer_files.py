@@ -286,3 +286,11 @@ def test_errors_name_the_file(tmp_path):
     with pytest.raises(GGMergeError) as e:
         read_hf(empty)
     assert e.value.path == empty
+
+
+def test_piece_type_numbers_are_gguf_token_types():
+    """spm_proto spells the shared numbering as literals (so a build need not import gguf-py)."""
+    assert (spm_proto.NORMAL, spm_proto.UNKNOWN, spm_proto.CONTROL, spm_proto.USER_DEFINED, spm_proto.UNUSED,
+            spm_proto.BYTE) == tuple(int(t) for t in (gguf.TokenType.NORMAL, gguf.TokenType.UNKNOWN,
+                                                      gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED,
+                                                      gguf.TokenType.UNUSED, gguf.TokenType.BYTE))

@@ -6,14 +6,16 @@ here, before the first byte is written, and reported with the file and tensor.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from ..arch import family_for
-from ..errors import GGMergeError
+from ..errors import GGMergeError, raise_all
 from ..tokenizer.vocab import Vocab
 from .schema import ModelInput, Recipe, Stage
 
@@ -105,9 +107,121 @@ class Inputs:
 
 
 def plan_recipe(recipe: Recipe, inputs: Inputs) -> list[StageInfo]:
+    """Plan every stage (dependencies first). Problems of parameter values that only show per tensor
+    (DELLA's density ± epsilon) are collected over all stages and raised together."""
+    problems: list[GGMergeError] = []
     for st in recipe.stages:
-        inputs.infos[st.label] = plan_stage(st, inputs)
+        if st.dtype is None:
+            st.dtype = _input_dtype(st, inputs)
+        info = plan_stage(st, inputs)
+        inputs.infos[st.label] = info
+        _plan_template(info, inputs)
+        problems += _check_della(st, info, recipe.path)
+    raise_all(problems, log)
     return [inputs.infos[s.label] for s in recipe.stages]
+
+
+#: stored safetensors dtypes a model can be kept in
+_STORED = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+#: dtype when a recipe gives none and no input tells (GGUF inputs: mergekit cannot read them)
+DEFAULT_DTYPE = torch.bfloat16
+
+
+def _input_dtype(st: Stage, inputs: Inputs) -> torch.dtype:
+    """A stage without ``dtype:`` computes and saves in its inputs' dtype in mergekit (tensors are
+    loaded as stored and never cast), so float16 models give a float16 merge. A model's dtype is the
+    one most of its elements are stored in (some keep norms in F32); a stage input is its saved dtype.
+    Inputs that disagree give the base's (else the first model's), which is what mergekit's
+    task-arithmetic family casts its result to. GGUF inputs do not count; with none left, bfloat16."""
+    found: dict[str, torch.dtype] = {}
+    for ref in st.inputs():
+        if inputs.is_stage(ref):
+            dep = inputs.recipe.stage(ref)
+            found[ref] = dep.out_dtype or dep.dtype
+        else:
+            dt = _source_dtype(inputs.sources.get(ref))
+            if dt is not None:
+                found[ref] = dt
+    if not found:
+        return DEFAULT_DTYPE
+    anchor = st.base or st.all_models()[0].ref
+    kinds = set(found.values())
+    dt = kinds.pop() if len(kinds) == 1 else found.get(anchor, next(iter(found.values())))
+    if len(set(found.values())) > 1:
+        log.info("stage '%s' has no dtype: its inputs are stored in %s; using %s (the base's)", st.label,
+                 ", ".join(sorted({str(d).replace('torch.', '') for d in found.values()})),
+                 str(dt).replace("torch.", ""))
+    return dt
+
+
+def _source_dtype(src) -> torch.dtype | None:
+    from ..sources.safetensors import SafetensorsSource
+
+    if not isinstance(src, SafetensorsSource):
+        return None
+    counts: dict[torch.dtype, int] = {}
+    for name in src.names():
+        dt = _STORED.get(src.dtype(name))
+        if dt is not None:
+            counts[dt] = counts.get(dt, 0) + int(np.prod(src.shape(name), dtype=np.int64))
+    if not counts:
+        return None
+    # ties (an odd model) go to the wider type, which loses nothing
+    width = {torch.float32: 2, torch.bfloat16: 1, torch.float16: 0}
+    return max(counts, key=lambda d: (counts[d], width[d]))
+
+
+def _plan_template(info: StageInfo, inputs: Inputs) -> None:
+    """The stage's chat template goes into its vocabulary (a copy: a leaf's vocabulary is shared), so a
+    later stage reading this one sees it, as mergekit-multi's saved stage tokenizers carry it.
+    ``auto`` takes the template most of the stage's inputs have (base first on a tie), through the
+    stage graph: a stage input offers the template its own plan gave it."""
+    from ..tokenizer.templates import plurality_template
+
+    st = info.stage
+    if not (st.chat_template or st.chat_template_auto):
+        return
+    if info.vocab is None:
+        log.warning("stage '%s': chat_template is set but the models have no tokenizer; it is not written "
+                    "(as in mergekit)", st.label)
+        return
+    text = st.chat_template
+    if st.chat_template_auto:
+        text = plurality_template([v.chat_template if (v := inputs.vocab(r)) is not None else None
+                                   for r in st.inputs()])
+        if text is None:
+            log.info("stage '%s': chat_template auto: no input model has a template; keeping the tokenizer's",
+                     st.label)
+            return
+        st.chat_template = text  # what the writer puts into tokenizer_config.json and the GGUF
+    info.vocab = dataclasses.replace(info.vocab, chat_template=text)
+
+
+def _check_della(st: Stage, info: StageInfo, recipe_path) -> list[GGMergeError]:
+    """DELLA's ``0 < density - epsilon`` and ``density + epsilon < 1`` (when 0 < density < 1) for every
+    model and tensor, from the parameters each tensor resolves to (gradients, filters, scopes), so the
+    recipe fails before the pass and not at the first offending tensor. One problem per model."""
+    from ..evaluator import _resolve_all
+    from ..methods.sparsify import check_della
+
+    m = st.method
+    if m.sparsify != "della_magprune":
+        return []
+    problems: dict[str, GGMergeError] = {}
+    for job in info.jobs.values():
+        ops = job.operands[1:] if job.operands and job.operands[0].is_base else job.operands
+        for op in ops:
+            if op.ref in problems:
+                continue
+            p = _resolve_all(m.model_params, (op.params, job.slice_params, st.params), job, op.tensor)
+            try:
+                check_della(float(p["density"]), float(p["epsilon"]))
+            except GGMergeError as exc:
+                line = next((mi.line for mi in st.all_models() if mi.ref == op.ref), st.line)
+                problems[op.ref] = GGMergeError(f"stage '{st.label}', model '{op.ref}': {exc.message}",
+                                                path=recipe_path, line=line or None, key=exc.key,
+                                                tensor=op.tensor)
+    return list(problems.values())
 
 
 def plan_stage(st: Stage, inputs: Inputs) -> StageInfo:

@@ -8,10 +8,18 @@ card spells them); the document without ``name:`` (or else the last one) is the 
 
 ggmerge's own settings live under an optional ``ggmerge:`` mapping in the output document; mergekit
 ignores unknown keys, so the file stays a valid mergekit-multi recipe.
+
+Leniency, as mergekit's pydantic models have it: keys a mergekit recipe may carry but mergekit ignores
+(unknown keys in a document, a model entry, a slice or ``tokenizer:``, e.g. a typo such as ``dype:``
+or ``revision:`` beside ``model:``) and parameters the merge method does not use (``weight`` on
+model_stock) are ignored with a WARNING naming the file, line and key; ``strict=True``
+(``ggmerge build --strict``) makes each an error. Value problems (ranges, types) are collected and
+reported together, one line each.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +27,11 @@ from pathlib import Path
 import torch
 
 from ..dtypes import parse_dtype
-from ..errors import GGMergeError, did_you_mean
+from ..errors import GGMergeError, did_you_mean, raise_all
 from ..methods import METHODS, Method
 from .yamlload import Node, Seq, load_documents
+
+log = logging.getLogger(__name__)
 
 DOC_KEYS = {
     "name", "merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
@@ -31,6 +41,8 @@ MODEL_KEYS = {"model", "parameters", "layer_range"}
 SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
 TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
 GGMERGE_KEYS = {"name", "seed", "shard_size", "keep_stages", "miniature"}
+#: merge methods mergekit 0.1.5 has and ggmerge does not (yet): refused with a message saying so
+MERGEKIT_ONLY_METHODS = {"sce", "karcher", "arcee_fusion", "multislerp", "nearswap", "ram", "ramplus_tl"}
 
 #: parameters with a known valid range: name → (low, high, low_inclusive)
 RANGES = {
@@ -64,12 +76,18 @@ class Stage:
     models: list[ModelInput]       # the `models:` form (empty when `slices:` is used)
     slices: list[Slice] | None
     params: dict
-    dtype: torch.dtype
+    #: None when the recipe gives no ``dtype:``: the planner then takes the inputs' stored dtype, as
+    #: mergekit keeps it (``ggmerge.recipe.plan.resolve_dtypes``)
+    dtype: torch.dtype | None
     out_dtype: torch.dtype | None
     tokenizer_source: str | None   # "union" | "base" | a model/stage reference | None
     pad_to_multiple_of: int | None
+    #: the template TEXT to write (a name, file or literal resolved when the recipe is loaded, so a dry
+    #: run finds a bad one); None when not given, and for ``auto`` until the planner resolves it
     chat_template: str | None
     line: int
+    #: ``chat_template: auto``: the plurality template of this stage's inputs (resolved at plan time)
+    chat_template_auto: bool = False
 
     @property
     def label(self) -> str:
@@ -130,10 +148,31 @@ def _stage_lookup(by_name: dict, ref: str):
 
 
 class _Ctx:
-    """Carries the recipe path for error messages."""
+    """Carries the recipe path for error messages, the ``strict`` setting, and the problems collected
+    so far (reported together by :meth:`done` or with the next fatal error by :meth:`fail`)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, strict: bool = False):
         self.path = path
+        self.strict = strict
+        self.problems: list[GGMergeError] = []
+
+    def lenient(self, msg: str, node, key: str) -> None:
+        """Something mergekit accepts and ignores: a WARNING (an error with ``strict``)."""
+        exc = self.err(msg, node, key)
+        if self.strict:
+            self.problems.append(exc)
+        else:
+            log.warning("%s; ignored, as mergekit does (--strict makes this an error)", exc)
+
+    def collect(self, exc: GGMergeError) -> None:
+        self.problems.append(exc)
+
+    def fail(self, exc: GGMergeError):
+        """Raise ``exc`` after the problems collected before it."""
+        raise_all(self.problems + [exc], log)
+
+    def done(self) -> None:
+        raise_all(self.problems, log)
 
     def err(self, msg: str, node=None, key: str | None = None) -> GGMergeError:
         line = None
@@ -144,7 +183,9 @@ class _Ctx:
         return GGMergeError(msg, path=self.path, key=key, line=line)
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, *, strict: bool = False) -> Recipe:
+    """Read and validate a recipe file. ``strict``: keys and parameters mergekit ignores are errors
+    instead of warnings."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -152,12 +193,23 @@ def load_recipe(path: str | Path) -> Recipe:
         raise GGMergeError("recipe file not found", path=path) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise GGMergeError(f"cannot read recipe: {exc}", path=path) from None
-    return parse_recipe(text, path)
+    return parse_recipe(text, path, strict=strict)
 
 
-def parse_recipe(text: str, path: str | Path = "<recipe>") -> Recipe:
+def parse_recipe(text: str, path: str | Path = "<recipe>", *, strict: bool = False) -> Recipe:
     path = Path(path)
-    ctx = _Ctx(path)
+    ctx = _Ctx(path, strict)
+    try:
+        recipe = _parse_recipe(text, path, ctx)
+    except GGMergeError as exc:
+        if not ctx.problems or getattr(exc, "others", None) is not None:
+            raise
+        ctx.fail(exc)
+    ctx.done()
+    return recipe
+
+
+def _parse_recipe(text: str, path: Path, ctx: _Ctx) -> Recipe:
     docs = load_documents(text, path)
     by_name: dict[str, Stage] = {}
     order: list[Stage] = []
@@ -184,7 +236,7 @@ def parse_recipe(text: str, path: str | Path = "<recipe>") -> Recipe:
     gg = output_doc.get("ggmerge") or Node()
     if not isinstance(gg, dict):
         raise ctx.err("'ggmerge' must be a mapping", output_doc, "ggmerge")
-    _check_keys(gg, GGMERGE_KEYS, ctx, "ggmerge")
+    _check_keys(gg, GGMERGE_KEYS, ctx, "ggmerge", lenient=False)  # ggmerge's own block: a typo is ours
     name = str(gg.get("name") or (output.name or _default_name(path)))
     seed = gg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -223,10 +275,21 @@ def parse_size(value, ctx: _Ctx, node) -> int:
     raise ctx.err(f"shard_size must look like '5GB' or '500MB', got {value!r}", node, "shard_size")
 
 
-def _check_keys(node: dict, allowed: set, ctx: _Ctx, where: str) -> None:
+def _check_keys(node: dict, allowed: set, ctx: _Ctx, where: str, *, lenient: bool = True) -> None:
+    """Unknown keys: ignored with a warning where mergekit ignores them (its pydantic models drop extra
+    keys), else errors."""
     for k in node:
-        if k not in allowed:
-            raise ctx.err(f"unknown key '{k}' in {where}{did_you_mean(k, allowed)}", node, k)
+        if k in allowed:
+            continue
+        hint = did_you_mean(k, allowed)
+        if k == "revision" and "model" in allowed:
+            # mergekit reads a revision only from the reference itself (ModelPath 'name@rev')
+            hint = " (to pin a revision, write it into the reference: 'model: org/name@REVISION')"
+        msg = f"unknown key '{k}' in {where}{hint}"
+        if lenient:
+            ctx.lenient(msg, node, k)
+        else:
+            raise ctx.err(msg, node, k)
 
 
 def _ref(value, ctx: _Ctx, node, key) -> str:
@@ -247,7 +310,8 @@ def _ref(value, ctx: _Ctx, node, key) -> str:
 def _parse_stage(doc: Node, ctx: _Ctx, is_output: bool) -> Stage:
     _check_keys(doc, DOC_KEYS, ctx, "the recipe")
     if "modules" in doc:
-        raise ctx.err("'modules' (multi-module merges) is not supported; use 'models' or 'slices'", doc, "modules")
+        raise ctx.err("'modules' (mergekit's multi-module merges) is not supported yet by ggmerge; use "
+                      "'models' or 'slices'", doc, "modules")
     if "ggmerge" in doc and not is_output:
         raise ctx.err("the 'ggmerge' block belongs in the output document", doc, "ggmerge")
     name = doc.get("name")
@@ -257,7 +321,12 @@ def _parse_stage(doc: Node, ctx: _Ctx, is_output: bool) -> Stage:
         raise ctx.err("missing 'merge_method'", doc)
     mname = doc["merge_method"]
     if mname not in METHODS:
-        raise ctx.err(f"unknown merge_method '{mname}'{did_you_mean(mname, METHODS)}", doc, "merge_method")
+        supported = ", ".join(METHODS)
+        if isinstance(mname, str) and mname in MERGEKIT_ONLY_METHODS:
+            raise ctx.err(f"merge_method '{mname}' is a mergekit method ggmerge does not support yet "
+                          f"(ggmerge supports: {supported})", doc, "merge_method")
+        raise ctx.err(f"unknown merge_method '{mname}'{did_you_mean(mname, METHODS)} (ggmerge supports: "
+                      f"{supported})", doc, "merge_method")
     method = METHODS[mname]
     has_models, has_slices = "models" in doc, "slices" in doc
     if has_models == has_slices:
@@ -307,17 +376,45 @@ def _parse_stage(doc: Node, ctx: _Ctx, is_output: bool) -> Stage:
         if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
             raise ctx.err(f"pad_to_multiple_of must be a positive integer, got {pad!r}", tk, "pad_to_multiple_of")
 
-    dtype = parse_dtype(doc.get("dtype", "bfloat16"))
-    out_dtype = parse_dtype(doc["out_dtype"]) if doc.get("out_dtype") else None
-    chat = doc.get("chat_template")
-    if chat is not None and not isinstance(chat, str):
-        raise ctx.err("'chat_template' must be a name ('vicuna'), a file path or a Jinja string", doc, "chat_template")
+    dtype = _dtype(doc, "dtype", ctx)
+    out_dtype = _dtype(doc, "out_dtype", ctx)
+    chat, auto = _chat_template(doc, ctx)
 
     stage = Stage(name=(name or "").strip(), method=method, base=base, models=models, slices=slices,
                   params=params, dtype=dtype, out_dtype=out_dtype, tokenizer_source=tok_src,
-                  pad_to_multiple_of=pad, chat_template=chat, line=doc.line)
+                  pad_to_multiple_of=pad, chat_template=chat, line=doc.line, chat_template_auto=auto)
     _check_method_inputs(stage, ctx, doc)
     return stage
+
+
+def _dtype(doc: Node, key: str, ctx: _Ctx) -> torch.dtype | None:
+    """``dtype``/``out_dtype``, or None when absent (mergekit then keeps the inputs' dtype)."""
+    if doc.get(key) is None:
+        return None
+    try:
+        return parse_dtype(doc[key])
+    except GGMergeError as exc:
+        raise ctx.err(exc.message, doc, key) from None
+
+
+def _chat_template(doc: Node, ctx: _Ctx) -> tuple[str | None, bool]:
+    """The template text (resolved now, so ``--dry-run`` finds a bad one) and whether it is ``auto``."""
+    from ..tokenizer.templates import AUTO, resolve_recipe_template
+
+    chat = doc.get("chat_template")
+    if chat is None:
+        return None, False
+    if not isinstance(chat, str) or not chat.strip():
+        raise ctx.err("'chat_template' must be a name ('chatml', 'vicuna', 'auto', ...), a file path or a "
+                      "Jinja string", doc, "chat_template")
+    if chat.strip().lower() == AUTO:
+        return None, True
+    try:
+        return resolve_recipe_template(chat, ctx.path.parent), False
+    except GGMergeError as exc:
+        if exc.path is not None:  # a problem inside the named template file: that file is the place
+            raise
+        raise ctx.err(exc.message, doc, "chat_template") from None
 
 
 def _parse_model(item, ctx: _Ctx, parent, allowed, mname, *, slices: bool) -> ModelInput:
@@ -346,12 +443,25 @@ def _parse_params(node, allowed: set, ctx: _Ctx, parent, key, mname) -> dict:
         return {}
     if not isinstance(node, dict):
         raise ctx.err("'parameters' must be a mapping", parent, key)
+    from ..methods import PARAM_KINDS
+
+    out = {}
+    known = ', '.join(sorted(allowed)) or 'none'
     for k, v in node.items():
         if k not in allowed:
-            raise ctx.err(f"unknown parameter '{k}' for merge_method '{mname}'{did_you_mean(k, allowed)}"
-                          f" (known: {', '.join(sorted(allowed)) or 'none'})", node, k)
-        _check_value(k, v, ctx, node)
-    return dict(node)
+            # mergekit resolves only the parameters its method declares; the rest are never read
+            if k in PARAM_KINDS:
+                ctx.lenient(f"merge_method '{mname}' does not use parameter '{k}' (it takes: {known})", node, k)
+            else:
+                ctx.lenient(f"unknown parameter '{k}' for merge_method '{mname}'{did_you_mean(k, allowed)}"
+                            f" (known: {known})", node, k)
+            continue
+        try:
+            _check_value(k, v, ctx, node)
+        except GGMergeError as exc:
+            ctx.collect(exc)  # a value problem: report it with the others, carry on checking
+        out[k] = v
+    return out
 
 
 def _scalars(v):

@@ -18,9 +18,11 @@ Three shapes of folder are understood, in this order of preference:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -336,10 +338,26 @@ def _chat_template(folder: Path, cfg: dict) -> str | None:
     return tmpl
 
 
+#: parsed large JSON files by the SHA-256 of their bytes (a merge's inputs usually share one tokenizer:
+#: eight copies of a 2 MB tokenizer.json are parsed once). The values are only read, never changed.
+_PARSED: "OrderedDict[bytes, Any]" = OrderedDict()
+_PARSED_MIN, _PARSED_KEEP = 1 << 16, 4
+
+
 def _json(path: Path) -> Any:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        key = hashlib.sha256(data).digest() if len(data) >= _PARSED_MIN else None
+        if key is not None and key in _PARSED:
+            _PARSED.move_to_end(key)
+            return _PARSED[key]
+        value = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise GGMergeError(f"not valid JSON: {exc}", path=path) from None
+    if key is not None:
+        _PARSED[key] = value
+        while len(_PARSED) > _PARSED_KEEP:
+            _PARSED.popitem(last=False)
+    return value

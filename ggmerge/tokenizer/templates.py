@@ -17,11 +17,18 @@ substrings — it contains ``USER: `` and ``ASSISTANT: ``, not ``SYSTEM: ``, and
 of the rules checked earlier (``<|im_start|>``, ``[INST]``, ``<start_of_turn>``, …), so it is
 *vicuna*. (llama.cpp's own vicuna rendering puts a blank line after the system text; the Jinja one
 follows the model card.)
+
+mergekit's built-in names (``chatml``, ``llama3``, ``alpaca``, ``mistral``, ``exaone``) are its files
+``mergekit/_data/chat_templates/<name>.jinja`` (mergekit 0.1.5, LGPL-3.0), stored unchanged in
+``chat_templates/`` beside this module: mergekit writes a file's text as it is (not stripped), so those
+bytes are what users of those names get (tests/test_templates.py pins their SHA-256). ``auto`` (the plurality
+template of the stage's inputs) needs the models, so the planner resolves it (``ggmerge.recipe.plan``).
 """
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 from ..errors import GGMergeError, did_you_mean
@@ -43,8 +50,62 @@ VICUNA = (
     "{%- endif -%}"
 )
 
-#: built-in templates by name
-BUILTIN = {"vicuna": VICUNA}
+#: mergekit's built-in template names (its ``_data/chat_templates/*.jinja``)
+MERGEKIT_NAMES = ("chatml", "llama3", "alpaca", "mistral", "exaone")
+TEMPLATE_DIR = Path(__file__).with_name("chat_templates")
+#: the name that takes the template from the stage's input models (resolved at plan time)
+AUTO = "auto"
+
+
+def _stored(name: str) -> str:
+    # read as mergekit reads its own copy (text mode, UTF-8); the files hold no CR, so this is their bytes
+    return (TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+#: built-in templates by name: ggmerge's ``vicuna`` and mergekit's names
+BUILTIN = {"vicuna": VICUNA, **{n: _stored(n) for n in MERGEKIT_NAMES}}
+
+
+def builtin_names(*, auto: bool = False) -> str:
+    return ", ".join(list(BUILTIN) + ([AUTO] if auto else []))
+
+
+def is_literal(spec: str) -> bool:
+    """A recipe's ``chat_template`` holding the Jinja text itself. mergekit takes any value that is not
+    one of its names and contains ``{`` as a template (refusing ones shorter than 20 characters); a
+    Jinja tag or expression marks a short one as a template too."""
+    return "{" in spec and (len(spec) >= 20 or "{{" in spec or "{%" in spec)
+
+
+def resolve_recipe_template(spec: str, root: Path) -> str:
+    """The text of a recipe's ``chat_template`` other than ``auto``, checked in mergekit's order: a
+    built-in name (before any file of that name), a literal Jinja string, else a file — relative to
+    the recipe's folder ``root``, else as given (a ggmerge extension; mergekit has no file form).
+    Raises GGMergeError (key ``chat_template``) for anything else, naming what is supported."""
+    if spec.lower() in BUILTIN:
+        return BUILTIN[spec.lower()]
+    if is_literal(spec):
+        return spec
+    for path in (root / os.path.expanduser(spec), Path(os.path.expanduser(spec))):
+        if path.is_file():
+            return resolve_template(path)
+    raise GGMergeError(
+        f"chat template '{spec}' is neither a built-in name ({builtin_names(auto=True)}), a Jinja string "
+        f"nor a file (relative to the recipe){did_you_mean(spec, list(BUILTIN) + [AUTO])}",
+        key="chat_template")
+
+
+def plurality_template(templates: list[str | None]) -> str | None:
+    """``chat_template: auto``: the template most of the inputs have (whitespace-stripped, as mergekit
+    compares and writes them), ignoring inputs without one; a tie goes to the earliest input (pass
+    the base first). mergekit breaks ties by its set order of models, which varies between runs;
+    this is the same choice whenever mergekit's is well defined. None when no input has one."""
+    stripped = [t.strip() for t in templates if t]
+    if not stripped:
+        return None
+    counts = Counter(stripped)
+    best = max(counts.values())
+    return next(t for t in stripped if counts[t] == best)
 
 
 def resolve_template(spec: str | os.PathLike | None) -> str | None:
@@ -62,7 +123,7 @@ def resolve_template(spec: str | os.PathLike | None) -> str | None:
     if not path.is_file():
         hint = did_you_mean(text, BUILTIN)
         raise GGMergeError(
-            f"chat template is neither a built-in ({', '.join(BUILTIN)}) nor an existing file{hint}",
+            f"chat template is neither a built-in ({builtin_names()}) nor an existing file{hint}",
             path=path, key="chat_template")
     try:
         body = path.read_text(encoding="utf-8")
