@@ -70,46 +70,124 @@ def write_gguf(
     ``ggmerge.convert.quants.quantize`` (or copied from ``raw``), written and released before the
     next one is touched.
     """
-    seen: set[str] = set()
-    sizes: list[int] = []
-    for t in tensors:
-        if t.name in seen:
-            raise GGMergeError("tensor name appears twice in the output plan", path=path, tensor=t.name)
-        seen.add(t.name)
-        try:
-            sizes.append(encoded_nbytes(tuple(t.shape), t.qtype))
-        except ValueError as exc:
-            raise GGMergeError(f"cannot store as {t.qtype.name}: {exc}", path=path, tensor=t.name) from None
+    with GGUFFile(path, arch, metadata, tensors) as out:
+        with track(description or f"writing {os.fspath(path)}", out.total, len(tensors)) as bar:
+            for t in tensors:
+                out.put(t.name, _encode(t, path))
+                bar.advance(out.nbytes[t.name], name=t.name)
+        out.finish()
 
-    total = sum(sizes)
-    with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
+
+class GGUFFile:
+    """A GGUF file whose tensors may arrive in any order, each written at its place as soon as it exists.
+
+    The header, the KV pairs and every tensor's info come first and fix every data offset (from the
+    shapes and types alone), so the file is sized once — its padding is the zero bytes of a sparse
+    extension, as gguf-py writes them — and each tensor's encoded bytes go to their offset with a
+    positional write: whole (:meth:`put`) or a block of rows at a time (:meth:`put_rows`). Written under a
+    temporary name and renamed on :meth:`finish`; leaving the ``with`` block any other way removes it.
+    """
+
+    def __init__(self, path: str | os.PathLike, arch: str, metadata: Callable[[gguf.GGUFWriter], None],
+                 tensors: list[OutTensor]) -> None:
+        self.path = Path(path)
+        self.nbytes: dict[str, int] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for t in tensors:
+            if t.name in self.nbytes:
+                raise GGMergeError("tensor name appears twice in the output plan", path=path, tensor=t.name)
+            try:
+                self.nbytes[t.name] = encoded_nbytes(tuple(t.shape), t.qtype)
+            except ValueError as exc:
+                raise GGMergeError(f"cannot store as {t.qtype.name}: {exc}", path=path, tensor=t.name) from None
+            self.shapes[t.name] = tuple(t.shape)
+        self.total = sum(self.nbytes.values())
+        self._done: set[str] = set()
+        self._atomic = atomic_path(self.path)
+        self.tmp = self._atomic.__enter__()
+        self._open = True
         try:
-            metadata(writer)
-            for t, nbytes in zip(tensors, sizes):
-                # the dtype argument only matters for raw_dtype=None; uint8 would reinterpret the shape
-                writer.add_tensor_info(t.name, tuple(t.shape), np.dtype(np.float32), nbytes, raw_dtype=t.qtype)
-            writer.write_header_to_file(path=tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            with track(description or f"writing {os.fspath(path)}", total, len(tensors)) as bar:
-                for t, nbytes in zip(tensors, sizes):
-                    data = _encode(t, path)
-                    if data.nbytes != nbytes:
-                        raise GGMergeError(
-                            f"encoded {t.qtype.name} data has {data.nbytes} bytes, expected {nbytes} "
-                            f"for shape {tuple(t.shape)}", path=path, tensor=t.name)
-                    # ndarray.tofile (inside write_tensor_data) loses errno: ENOSPC and EFBIG would
-                    # reach the user as "N requested and M written"; file.write keeps them
-                    fout = writer.fout[0]
-                    writer.write_padding(fout, fout.tell())
-                    fout.write(data.reshape(-1).view(np.uint8).data)
-                    writer.write_padding(fout, data.nbytes)
-                    del data
-                    bar.advance(nbytes, name=t.name)
-        finally:
-            writer.close()
-    log.info("wrote %s (%d tensors, %.1f MiB)", path, len(tensors), total / 2**20)
+            writer = gguf.GGUFWriter(self.tmp, arch)
+            try:
+                metadata(writer)
+                for t in tensors:
+                    # the dtype argument only matters for raw_dtype=None; uint8 would reinterpret the shape
+                    writer.add_tensor_info(t.name, tuple(t.shape), np.dtype(np.float32), self.nbytes[t.name],
+                                           raw_dtype=t.qtype)
+                writer.write_header_to_file(path=self.tmp)
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                fout = writer.fout[0]
+                fout.flush()
+                align = writer.data_alignment
+                pad = lambda n: -(-n // align) * align  # noqa: E731 - ggml_pad
+                at = pad(fout.tell())
+                self.offsets: dict[str, int] = {}
+                for t in tensors:
+                    self.offsets[t.name] = at
+                    at += pad(self.nbytes[t.name])
+                os.truncate(self.tmp, at)
+            finally:
+                writer.close()
+            self._fd = os.open(self.tmp, os.O_WRONLY)
+        except BaseException as exc:
+            self._fail(exc)
+
+    def put(self, name: str, data: np.ndarray) -> None:
+        """The whole encoded tensor ``name``."""
+        data = np.ascontiguousarray(data)
+        if data.nbytes != self.nbytes[name]:
+            self._fail(GGMergeError(f"encoded data has {data.nbytes} bytes, expected {self.nbytes[name]} "
+                                    f"for shape {self.shapes[name]}", path=self.path, tensor=name))
+        self._pwrite(name, 0, data)
+        self._done.add(name)
+
+    def put_rows(self, name: str, r0: int, data: np.ndarray, last: bool) -> None:
+        """Encoded rows ``r0…`` of ``name`` (a tensor of rows quantized independently); ``last`` marks
+        its final block."""
+        rows = self.shapes[name][0] if len(self.shapes[name]) > 1 else 1
+        self._pwrite(name, r0 * (self.nbytes[name] // rows), np.ascontiguousarray(data))
+        if last:
+            self._done.add(name)
+
+    def _pwrite(self, name: str, offset: int, data: np.ndarray) -> None:
+        buf = memoryview(data.reshape(-1).view(np.uint8))
+        at = self.offsets[name] + offset
+        try:
+            done = 0
+            while done < len(buf):
+                done += os.pwrite(self._fd, buf[done:], at + done)
+        except OSError as exc:
+            from ggmerge.atomic import _explain
+
+            self._fail(_explain(exc, self.path))
+
+    def finish(self) -> Path:
+        missing = [n for n in self.offsets if n not in self._done]
+        if missing:
+            self._fail(GGMergeError(f"{len(missing)} tensor(s) never written", path=self.path, tensor=missing[0]))
+        os.close(self._fd)
+        self._open = False
+        self._atomic.__exit__(None, None, None)
+        log.info("wrote %s (%d tensors, %.1f MiB)", self.path, len(self.offsets), self.total / 2**20)
+        return self.path
+
+    def abort(self) -> None:
+        if self._open:
+            self._open = False
+            if hasattr(self, "_fd"):
+                os.close(self._fd)
+            self._atomic.__exit__(GGMergeError, GGMergeError("aborted", path=self.path), None)
+
+    def _fail(self, exc: BaseException):
+        self.abort()
+        raise exc
+
+    def __enter__(self) -> "GGUFFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()
 
 
 def _encode(t: OutTensor, path) -> np.ndarray:

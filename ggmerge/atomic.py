@@ -37,7 +37,13 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
     except OSError as exc:
         raise _explain(exc, final.parent) from None
     tmp = final.with_name(final.name + TMP_SUFFIX)
-    _remove(tmp)
+    with output_lock(final):
+        # the lock is ours: a partial output left here is a dead writer's, safe to clear
+        _remove(tmp)
+        yield from _write(final, tmp)
+
+
+def _write(final: Path, tmp: Path) -> Iterator[Path]:
     try:
         yield tmp
         if final.is_dir() and not final.is_symlink():
@@ -54,6 +60,48 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
     except BaseException:
         _remove(tmp)
         raise
+
+
+LOCK_SUFFIX = ".ggmerge-lock"
+
+
+@contextlib.contextmanager
+def output_lock(final: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock of output ``final`` (a ``<final>.ggmerge-lock`` file with the holder's pid, locked
+    with ``flock``): a second ggmerge writing the same output is refused with a message naming the
+    first, instead of deleting its half-written temporary. The kernel drops the lock when its holder
+    exits, however it ends, so a lock left by a killed run never blocks the next one."""
+    import fcntl
+
+    lock = Path(final).with_name(Path(final).name + LOCK_SUFFIX)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _explain(exc, lock) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise GGMergeError(f"another ggmerge (pid {holder}) is writing this output; wait for it to "
+                               "finish or stop it", path=final) from None
+        # the file may have been removed by its previous holder between our open and our lock
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
 
 
 def _remove(p: Path) -> None:
