@@ -164,11 +164,13 @@ STREAM_ELEMS = 1 << 25
 LOOKAHEAD_BYTES = 256 << 20
 
 
-def evaluate_in_order(ev: Evaluator, jobs, dtype, *, threads: int | None = None):
-    """``(job, row blocks)`` for every job, in order, while a pool of ``threads`` workers evaluates the
-    next tensors ahead (torch and numba release the GIL). Each tensor is evaluated single-threaded, so
-    its bits never depend on the thread count. A large tensor is yielded as a lazy stream of row blocks
-    evaluated when the writer asks for them, so it is never whole in memory."""
+def evaluate_in_order(ev: Evaluator, jobs, dtype, *, threads: int | None = None, encode=None):
+    """``(job, row blocks, payload)`` for every job, in order, while a pool of ``threads`` workers
+    evaluates the next tensors ahead (torch and numba release the GIL). Row blocks are ``(r0, rows)``
+    pairs, rounded to ``dtype``; ``payload`` is ``encode(name, tensor)`` computed in the worker (the
+    GGUF encodings), None for a streamed tensor. Each tensor is evaluated single-threaded, so its bits
+    never depend on the thread count. A large tensor is yielded as a lazy stream of row blocks evaluated
+    when the writer asks for them, so it is never whole in memory."""
     import torch
     from concurrent.futures import ThreadPoolExecutor
 
@@ -180,15 +182,15 @@ def evaluate_in_order(ev: Evaluator, jobs, dtype, *, threads: int | None = None)
     if threads < 1:
         raise GGMergeError(f"--threads must be at least 1, got {threads}", key="threads")
 
-    def whole(name: str, shape) -> torch.Tensor:
+    def whole(name: str, shape):
         out = POOL.empty(shape, dtype)
         for r0, r1, rows in ev.chunks(name):
             out[r0:r1] = round_to(rows, dtype)
-        return out
+        return out, (encode(name, out) if encode is not None else None)
 
     def streamed(name: str):
-        for _, _, rows in ev.chunks(name):
-            yield round_to(rows, dtype)
+        for r0, _, rows in ev.chunks(name):
+            yield r0, round_to(rows, dtype)
 
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -211,10 +213,10 @@ def evaluate_in_order(ev: Evaluator, jobs, dtype, *, threads: int | None = None)
                 ahead += 1
             fut = futures.pop(i, None)
             if fut is None:
-                yield job, streamed(job.name)
+                yield job, streamed(job.name), None
                 continue
-            t = fut.result()
-            yield job, [t]
+            t, payload = fut.result()
+            yield job, [(0, t)], payload
             pending -= _numel(job.shape) * itemsize
             POOL.give(t)  # written: its buffer serves a later tensor of the same size
     finally:
@@ -223,21 +225,77 @@ def evaluate_in_order(ev: Evaluator, jobs, dtype, *, threads: int | None = None)
         gc.unfreeze()
 
 
+def _to_gguf(outputs, job, blocks):
+    """Pass a streamed tensor's row blocks on to the GGUF files on their way to the HF writer (or, for
+    a tensor the GGUF stores permuted, gather it and encode it whole)."""
+    import torch
+
+    if outputs.rows_streamable(job.name):
+        rows_total = job.shape[0]
+        for r0, rows in blocks:
+            outputs.put_rows(job.name, r0, rows, last=r0 + rows.shape[0] >= rows_total)
+            yield r0, rows
+        return
+    whole = None
+    for r0, rows in blocks:
+        if whole is None:
+            whole = torch.empty(tuple(job.shape), dtype=rows.dtype)
+        whole[r0:r0 + rows.shape[0]] = rows
+        yield r0, rows
+    outputs.write(outputs.encode(job.name, whole))
+
+
+def _gguf_state(record: dict, out: Path, types) -> list:
+    """The asked GGUF types whose file the build record lists as written by that build and that are still
+    there unchanged (size and mtime): the others must be (re)made."""
+    from .gguf_outputs import gguf_path
+
+    listed = record.get("gguf") or {}
+    missing = []
+    for ft in types:
+        path = gguf_path(out, ft)
+        entry = listed.get(path.name) or {}
+        try:
+            st = path.stat()
+            fresh = entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+        except OSError:
+            fresh = False
+        if not fresh:
+            missing.append(ft)
+    return missing
+
+
+def _gguf_entries(out: Path, hashes: dict[str, str]) -> dict[str, dict]:
+    entries = {}
+    for name, sha in hashes.items():
+        st = (out.parent / name).stat()
+        entries[name] = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return entries
+
+
 def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: bool = False,
           force: bool = False, offline: bool = True, threads: int | None = None,
-          hash_inputs: bool = False, strict: bool = False) -> Path | None:
-    """Run ``recipe`` and write the merged HF model; returns the output folder (None for a dry run).
-    ``threads``: tensors evaluated at once (default: every core this process may use);
-    ``hash_inputs``: record full SHA-256s of input files not in the HF cache (default: sampled
-    fingerprints, see :mod:`ggmerge.fingerprint`)."""
-    from .tokenizer.templates import resolve_template
+          hash_inputs: bool = False, strict: bool = False, gguf=None, no_hf: bool = False) -> Path | None:
+    """Run ``recipe`` and write the merged HF model and the asked GGUF files, all from one pass;
+    returns the output folder (None for a dry run).
+
+    ``gguf``: llama.cpp file types to write beside the HF folder (``"q4_k_m,q6_k"`` or a list; the
+    recipe's ``ggmerge.gguf`` adds to it), each byte-identical to ``ggmerge quantize TYPE`` of the HF
+    output; ``no_hf``: write only the GGUF files. ``threads``: tensors evaluated at once (default:
+    every core this process may use); ``hash_inputs``: record full SHA-256s of input files not in the
+    HF cache (default: sampled fingerprints, see :mod:`ggmerge.fingerprint`)."""
+    from .gguf_outputs import GGUFOutputs, gguf_path, parse_types
     from .writers.card import model_card
-    from .writers.hf import HFWriter
+    from .writers.hf import HFWriter, hf_config
     from . import progress
 
     p = prepare(recipe, offline=offline, strict=strict)
     try:
         out = Path(output) if output else default_output(p.recipe)
+        types = parse_types(list(getattr(p.recipe, "gguf", None) or []) + parse_types(gguf))
+        if no_hf and not types:
+            raise GGMergeError("--no-hf writes only GGUF files: name them with --gguf TYPE[,TYPE…]",
+                               key="gguf")
         if dry_run:
             from .report import print_plan
             print_plan(describe(p, threads), out)
@@ -249,42 +307,75 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
             rp, ro = Path(path).resolve(), out.resolve()
             if rp == ro or ro in rp.parents:
                 raise GGMergeError(f"the output folder would replace the recipe's input model '{ref}'", path=out)
-        if out.exists() and not force and not record.is_file():
+        if out.exists() and not force and not record.is_file() and not no_hf:
             raise GGMergeError("output already exists and is not a ggmerge build (use --force to replace it)",
                                path=out)
-        if not force and record.is_file():
+        if not force and not no_hf and record.is_file():
             try:
                 prev = json.loads(record.read_text())
             except ValueError:
                 prev = {}
             if prev.get("recipe_sha256") == p.recipe.sha256 and prev.get("inputs_sha256") == inputs_hash:
-                log.info("%s is up to date (same recipe and inputs); use --force to rebuild", out)
+                missing = _gguf_state(prev, out, types)
+                if not missing:
+                    log.info("%s is up to date (same recipe and inputs); use --force to rebuild", out)
+                    return out
+                # the merge itself is done: make the new types from the HF output, in one read of it
+                from .quantize import quantize_many
+
+                log.info("%s is up to date; adding %s", out, ", ".join(ft.name for ft in missing))
+                made = quantize_many(missing, out, force=True)
+                prev.setdefault("gguf", {}).update(_gguf_entries(out, {m.name: sha256_file(m, cache={})
+                                                                      for m in made}))
+                from .atomic import atomic_path
+
+                with atomic_path(record) as tmp:
+                    tmp.write_text(json.dumps(prev, indent=2) + "\n")
                 return out
         info = p.infos[-1]
         stage = info.stage
         vocab = info.vocab
         if vocab is not None and stage.chat_template:
-            vocab.chat_template = _template(stage.chat_template, p.recipe.path.parent, resolve_template)
+            vocab.chat_template = _template(stage.chat_template, p.recipe.path.parent, None)
         meta = {"ggmerge.version": __version__, "ggmerge.recipe_sha256": p.recipe.sha256,
                 "ggmerge.inputs_sha256": inputs_hash}
         ev = Evaluator(p.recipe, p.inputs)
         jobs = ev.output_jobs()
         dtype = stage.out_dtype or stage.dtype
         total = sum(_numel(j.shape) for j in jobs) * _itemsize(stage)
-        writer = HFWriter(out, max_shard_bytes=p.recipe.shard_size, dtype=dtype, metadata=meta,
-                          layout=[(j.name, tuple(j.shape)) for j in jobs])
-        with writer:
-            with progress.track(f"Merging {p.recipe.name}", total, len(jobs)) as bar:
-                for job, parts in evaluate_in_order(ev, jobs, dtype, threads=threads):
-                    writer.add_rows(job.name, tuple(job.shape), parts)
+        outputs = None
+        if types:
+            outputs = GGUFOutputs(types, out, {j.name: tuple(j.shape) for j in jobs}, hf_config(info.config, dtype),
+                                  vocab)
+        writer = None if no_hf else HFWriter(out, max_shard_bytes=p.recipe.shard_size, dtype=dtype, metadata=meta,
+                                             layout=[(j.name, tuple(j.shape)) for j in jobs])
+        try:
+            what = ", ".join(([] if no_hf else ["HF"]) + [ft.name for ft in types])
+            with progress.track(f"Merging {p.recipe.name} ({what})", total, len(jobs)) as bar:
+                for job, blocks, payload in evaluate_in_order(ev, jobs, dtype, threads=threads,
+                                                              encode=outputs.encode if outputs else None):
+                    if payload:
+                        outputs.write(payload)
+                    elif outputs is not None and not isinstance(blocks, list):
+                        blocks = _to_gguf(outputs, job, blocks)
+                    if writer is not None:
+                        writer.add_rows(job.name, tuple(job.shape), (t for _, t in blocks))
+                    else:
+                        for _ in blocks:
+                            pass
                     bar.advance(_numel(job.shape) * _itemsize(stage), 1, job.name)
+            ggufs = outputs.finish() if outputs is not None else {}
+            if writer is None:
+                return out
+            gguf_entries = _gguf_entries(out, ggufs)
+
             def card_and_record(tmp: Path) -> dict[str, str]:
                 # both carry the hashes of the finished shards, and are written inside the temporary
                 # folder: the folder only appears at `out` complete with them
-                outputs = {f.name: sha256_file(f, cache={}) for f in sorted(tmp.glob("*.safetensors"))}
+                outputs_ = {f.name: sha256_file(f, cache={}) for f in sorted(tmp.glob("*.safetensors"))}
                 card = model_card(p.recipe.name, p.recipe.text, lineage=[str(x) for x in p.recipe.leaf_refs()],
                                   input_hashes={ref: combined(fp) for ref, fp in inputs_fp.items()},
-                                  output_hashes=outputs)
+                                  output_hashes={**outputs_, **ggufs})
                 body = {
                     "name": p.recipe.name,
                     # relative paths keep the record identical when the same build runs elsewhere
@@ -293,17 +384,23 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
                     "recipe_sha256": p.recipe.sha256,
                     "inputs_sha256": inputs_hash,
                     "inputs": inputs_fp,
-                    "outputs": outputs,
+                    "outputs": outputs_,
                     "seed": p.recipe.seed,
                     "ggmerge_version": __version__,
                 }
+                if gguf_entries:
+                    body["gguf"] = gguf_entries
                 return {"README.md": card, RECORD: json.dumps(body, indent=2) + "\n"}
 
             writer.finish(info.config, vocab, card_and_record)
+        finally:
+            if writer is not None:
+                writer.abort()
+            if outputs is not None:
+                outputs.abort()
         return out
     finally:
         p.close()
-
 
 
 def _template(spec: str, root: Path, resolve_template) -> str:

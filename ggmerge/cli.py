@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .errors import GGMergeError
 
@@ -42,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="allow downloading Hub models that are not in the local HF cache")
     b.add_argument("-t", "--threads", type=int, default=None,
                    help="tensors evaluated at once (default: every core); the output is the same for any value")
+    b.add_argument("--gguf", metavar="TYPES",
+                   help="also write these GGUF files from the same pass, e.g. q4_k_m,q6_k,q8_0 (each the same "
+                        "bytes as `ggmerge quantize TYPE` of the HF output); adds to the recipe's ggmerge.gguf")
+    b.add_argument("--no-hf", action="store_true", help="write only the GGUF files, not the HF folder")
     b.add_argument("--hash-inputs", action="store_true",
                    help="record full SHA-256s of input files (default: sampled fingerprints; files in "
                         "the HF cache always have their real SHA-256 for free)")
@@ -51,9 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="write a quantized GGUF (q4_k_m, q6_k, q8_0, ...)",
                        epilog="examples:\n  ggmerge quantize q4_k_m\n  ggmerge quantize Q6_K model.bf16.gguf -o m.Q6_K.gguf",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    q.add_argument("type", help="llama.cpp file type, case-insensitive (e.g. q4_k_m)")
-    q.add_argument("input", nargs="?", help="BF16/F16/F32 GGUF or HF folder (default: the latest build)")
-    q.add_argument("-o", "--output", help="output file (default: <name>.<TYPE>.gguf beside the build)")
+    q.add_argument("type", nargs="+", metavar="TYPE",
+                   help="llama.cpp file type(s), case-insensitive (e.g. q4_k_m q6_k: all from one read of the "
+                        "input); a last argument that is not a type is the INPUT: a BF16/F16/F32 GGUF or an HF "
+                        "folder (default: the latest build)")
+    q.add_argument("-o", "--output", help="output file (default: <name>.<TYPE>.gguf beside the build); "
+                                          "with several types, a folder")
     q.add_argument("--force", action="store_true", help="overwrite an existing output")
     q.add_argument("--recipe", default="ggmerge.yaml", help="recipe whose build to quantize (default: ./ggmerge.yaml)")
 
@@ -90,8 +98,16 @@ def _dispatch(args: argparse.Namespace):
         from .build import build
         return build(**kw)
     if args.verb == "quantize":
+        from .convert.quants.ftypes import parse_ftype
         from .quantize import quantize
-        return quantize(**kw)
+
+        types = kw.pop("type")
+        if len(types) > 1 or Path(types[-1]).exists():
+            try:
+                parse_ftype(types[-1])
+            except GGMergeError:
+                kw["input"] = types.pop()
+        return quantize(types[0] if len(types) == 1 else types, **kw)
     if args.verb == "convert":
         from .convert import convert
         return convert(**kw)

@@ -28,6 +28,8 @@ class GGMergeError(Exception):
         self.tensor = tensor
         self.key = key
         self.line = line
+        #: further problems reported together with this one (see :func:`raise_all`)
+        self.others: list[GGMergeError] = []
 
     def __str__(self) -> str:
         where = []
@@ -64,4 +66,4 @@ def raise_all(problems: list[GGMergeError], log=None) -> None:
         first = GGMergeError(f"{first.message} (and {len(rest)} more problem(s), listed above)",
                              path=first.path, tensor=first.tensor, key=first.key, line=first.line)
     first.others = list(rest)
-    raise first
+    raise first from None  # called while handling the last problem: its traceback is this one's

@@ -39,12 +39,16 @@ _SKIP_KEYS = ("general.architecture", "general.quantization_version", "general.f
               "split.no", "split.count", "split.tensors.count")
 
 
-def quantize(type: str, input: str | None = None, output: str | None = None, *,  # noqa: A002
-             force: bool = False, recipe: str = "ggmerge.yaml") -> Path:
-    """Write ``output`` (default ``<dir>/<name>.<TYPE>.gguf``) and return its path."""
-    from .convert.gguf_out import write_gguf
+def quantize(type, input: str | None = None, output: str | None = None, *,  # noqa: A002
+             force: bool = False, recipe: str = "ggmerge.yaml") -> Path | list[Path]:
+    """Write a GGUF of file type ``type`` (default name ``<dir>/<name>.<TYPE>.gguf``) and return its path.
 
-    ft = parse_ftype(type)
+    ``type`` may also be several types (a list, or ``"q4_k_m,q6_k"``): every file is made from one read of
+    the input, and the list of paths is returned; ``output`` then names a folder, or nothing."""
+    names = [t for t in (type.split(",") if isinstance(type, str) else type) if str(t).strip()]
+    fts = list(dict.fromkeys(parse_ftype(t) for t in names))
+    if not fts:
+        raise GGMergeError("name at least one file type (e.g. q4_k_m)", key="type")
     if input is None:
         src = latest_build_output(recipe)
         log.info("quantizing the latest build of %s: %s", recipe, src)
@@ -52,25 +56,79 @@ def quantize(type: str, input: str | None = None, output: str | None = None, *, 
         src = Path(input)
         if not src.exists():
             raise GGMergeError("no such file or folder", path=src)
-    out = Path(output) if output else default_output(src, ft)
-    if out.resolve() == src.resolve():
-        raise GGMergeError("the output would overwrite the input; name another output with -o", path=out)
-    if out.exists() and not force:
-        state = _freshness(out, src, ft)
-        if state == "fresh":
-            log.info("%s is up to date (newer than %s, same file type); use --force to redo it", out, src)
-            return out
-        if state != "stale":
-            raise GGMergeError("output already exists and is not a GGUF of this type made from this input "
-                               "(use --force to replace it)", path=out)
-        log.info("%s is older than %s: quantizing again", out, src)
+    if len(fts) == 1 and not (output and Path(output).is_dir()):
+        outs = [Path(output) if output else default_output(src, fts[0])]
+    else:
+        outs = [default_output(src, ft) if not output else Path(output) / default_output(src, ft).name
+                for ft in fts]
+    todo = []
+    for ft, out in zip(fts, outs):
+        if out.resolve() == src.resolve():
+            raise GGMergeError("the output would overwrite the input; name another output with -o", path=out)
+        if out.exists() and not force:
+            state = _freshness(out, src, ft)
+            if state == "fresh":
+                log.info("%s is up to date (newer than %s, same file type); use --force to redo it", out, src)
+                continue
+            if state != "stale":
+                raise GGMergeError("output already exists and is not a GGUF of this type made from this input "
+                                   "(use --force to replace it)", path=out)
+            log.info("%s is older than %s: quantizing again", out, src)
+        todo.append((ft, out))
+    if todo:
+        quantize_many([ft for ft, _ in todo], src, outputs=[o for _, o in todo], force=True)
+    return outs[0] if len(names) == 1 and isinstance(type, str) and "," not in type else outs
 
-    arch, metadata, tensors, close = (_plan_hf if src.is_dir() else _plan_gguf)(src, ft)
+
+def quantize_many(fts: list[FileType], src: Path, *, outputs: list[Path] | None = None,
+                  force: bool = False) -> list[Path]:
+    """One GGUF per file type in ``fts`` from ONE read of ``src`` (an HF folder or a GGUF): each tensor
+    is loaded and decoded once and encoded for every file. Each file is byte-identical to what a
+    separate ``quantize`` of its type writes."""
+    from .convert.gguf_out import GGUFFile, OutTensor, _encode
+    from .progress import track
+
+    src = Path(src)
+    outputs = outputs or [default_output(src, ft) for ft in fts]
+    if src.is_dir():
+        from .sources import open_source
+
+        source = open_source(src)
+        close = source.close
+        plans = []
+        try:
+            plans = [plan_source(source, src, ft) for ft in fts]
+        except BaseException:
+            close()
+            raise
+    else:
+        planned = [_plan_gguf(src, ft) for ft in fts]
+        plans = [p[:3] for p in planned]
+        close = lambda: None  # noqa: E731
+    files: list[GGUFFile] = []
     try:
-        write_gguf(out, arch, metadata, tensors, description=f"Quantizing {src.name} to {ft.name}")
+        for (arch, metadata, tensors), out in zip(plans, outputs):
+            files.append(GGUFFile(out, arch, metadata, tensors))
+        per_file = [{t.name: t for t in tensors} for _, _, tensors in plans]
+        order = [t.name for t in plans[0][2]]
+        total = sum(f.total for f in files)
+        with track(f"Quantizing {src.name} to {', '.join(ft.name for ft in fts)}", total, len(order)) as bar:
+            for name in order:
+                values = None  # decoded once, for every file that re-encodes this tensor
+                for f, tensors in zip(files, per_file):
+                    t = tensors[name]
+                    if t.raw is None:
+                        if values is None:
+                            values = t.load()
+                        t = OutTensor(t.name, t.shape, t.qtype, load=lambda v=values: v)
+                    f.put(name, _encode(t, f.path))
+                    bar.advance(f.nbytes[name], name=name)
+                del values
+        return [f.finish() for f in files]
     finally:
+        for f in files:
+            f.abort()
         close()
-    return out
 
 
 def _freshness(out: Path, src: Path, ft) -> str:
@@ -302,13 +360,13 @@ def _plan_hf(folder: Path, ft: FileType):
 
     source = open_source(folder)
     try:
-        return (*_plan_source(source, folder, ft), source.close)
+        return (*plan_source(source, folder, ft), source.close)
     except BaseException:
         source.close()
         raise
 
 
-def _plan_source(source, folder: Path, ft: FileType):
+def plan_source(source, folder: Path, ft: FileType):
     from .convert.hf_to_gguf import plan_gguf
     from .tokenizer.hf_vocab import read_hf
 

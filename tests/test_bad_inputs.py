@@ -273,25 +273,88 @@ def case_unknown_method(env):
                      names=("ggmerge.yaml:1", "key 'merge_method'"))
 
 
+def _strict(exp: Expect) -> Expect:
+    exp.argv.append("--strict")
+    return exp
+
+
+# unknown keys and parameters are ignored with a warning, as mergekit ignores them; --strict refuses them
 @case
 def case_unknown_key(env):
+    return _strict(env.build(DARE.replace("base_model:", "base_modle:"),
+                             message="unknown key 'base_modle' in the recipe (did you mean 'base_model'?)",
+                             names=("ggmerge.yaml:2",)))
+
+
+@case
+def case_unknown_key_lenient_names_the_typo(env):
+    # without --strict the typo is ignored (a warning), the recipe then lacks its base: the error says why
     return env.build(DARE.replace("base_model:", "base_modle:"),
-                     message="unknown key 'base_modle' in the recipe (did you mean 'base_model'?)",
-                     names=("ggmerge.yaml:2",))
+                     message="merge_method 'dare_ties' needs a 'base_model' (ignored: 'base_modle' at line 2 "
+                             "(did you mean 'base_model'?))", names=("ggmerge.yaml:1",))
 
 
 @case
 def case_unknown_parameter(env):
-    return env.build(DARE.replace("density:", "densty:"),
-                     message="unknown parameter 'densty' for merge_method 'dare_ties' (did you mean 'density'?)",
-                     names=("ggmerge.yaml:5", "key 'densty'"))
+    return _strict(env.build(DARE.replace("density:", "densty:"),
+                             message="unknown parameter 'densty' for merge_method 'dare_ties' (did you mean "
+                                     "'density'?)", names=("ggmerge.yaml:5", "key 'densty'")))
 
 
 @case
 def case_unknown_key_in_model_entry(env):
-    return env.build(DARE.replace("    parameters:", "    paramters:"),
-                     message="unknown key 'paramters' in a model entry (did you mean 'parameters'?)",
-                     names=("ggmerge.yaml:5",))
+    return _strict(env.build(DARE.replace("    parameters:", "    paramters:"),
+                             message="unknown key 'paramters' in a model entry (did you mean 'parameters'?)",
+                             names=("ggmerge.yaml:5",)))
+
+
+@case
+def case_strict_reports_every_ignored_key(env):
+    text = DARE.replace("dtype:", "dype:").replace("  - model: FT1\n", "  - model: FT1\n    revision: main\n")
+    return _strict(env.build(text, message="unknown key 'revision' in a model entry (to pin a revision, write it "
+                                           "into the reference: 'model: org/name@REVISION') (and 1 more problem(s)",
+                             names=("ggmerge.yaml:5", "key 'revision'")))
+
+
+@case
+def case_mergekit_method_not_supported_yet(env):
+    return env.build(DARE.replace("dare_ties", "sce"),
+                     message="merge_method 'sce' is a mergekit method ggmerge does not support yet (ggmerge "
+                             "supports: linear, task_arithmetic,", names=("ggmerge.yaml:1", "key 'merge_method'"))
+
+
+@case
+def case_modules_not_supported_yet(env):
+    return env.build("merge_method: linear\nmodules:\n  text: {models: [{model: BASE}]}\n",
+                     message="'modules' (mergekit's multi-module merges) is not supported yet",
+                     names=("ggmerge.yaml:2", "key 'modules'"))
+
+
+@case
+def case_unknown_chat_template(env):
+    # found when the recipe is read, so --dry-run fails with the same line
+    e = env.build(DARE + "chat_template: chatmlx\n", message="chat template 'chatmlx' is neither a built-in "
+                  "name (vicuna, chatml, llama3, alpaca, mistral, exaone, auto), a Jinja string nor a file "
+                  "(relative to the recipe) (did you mean 'chatml'?)", names=("ggmerge.yaml:7", "key 'chat_template'"))
+    e.argv.append("--dry-run")
+    return e
+
+
+@case
+def case_della_epsilon_too_large_for_a_layer(env):
+    # a density gradient makes density - epsilon <= 0 only in the first layer: found at plan time, by --dry-run
+    text = DARE.replace("dare_ties", "della").replace("density: 0.5", "density: [0.1, 0.5], epsilon: 0.15")
+    e = env.build(text, message="della needs 0 < density - epsilon and density + epsilon < 1 (density=0.1, "
+                                "epsilon=0.15)", names=("ggmerge.yaml:4", "key 'epsilon'", "stage 'output'"))
+    e.argv.append("--dry-run")
+    return e
+
+
+@case
+def case_all_range_problems_at_once(env):
+    text = DARE.replace("density: 0.5", "density: 1.5").replace("dtype: bfloat16", "parameters: {lambda: .inf}")
+    return env.build(text, message="parameter 'density' = 1.5 is out of range (0.0, 1.0] (and 1 more problem(s), "
+                                   "listed above)", names=("ggmerge.yaml:5", "key 'density'"))
 
 
 @case

@@ -144,14 +144,15 @@ def _input_dtype(st: Stage, inputs: Inputs) -> torch.dtype:
                 found[ref] = dt
     if not found:
         return DEFAULT_DTYPE
-    anchor = st.base or st.all_models()[0].ref
     kinds = set(found.values())
-    dt = kinds.pop() if len(kinds) == 1 else found.get(anchor, next(iter(found.values())))
-    if len(set(found.values())) > 1:
-        log.info("stage '%s' has no dtype: its inputs are stored in %s; using %s (the base's)", st.label,
-                 ", ".join(sorted({str(d).replace('torch.', '') for d in found.values()})),
-                 str(dt).replace("torch.", ""))
-    return dt
+    if len(kinds) == 1:
+        return kinds.pop()
+    anchor = st.base or st.all_models()[0].ref
+    who = anchor if anchor in found else next(iter(found))
+    log.info("stage '%s' has no dtype: its inputs are stored in %s; using %s, as '%s' is", st.label,
+             ", ".join(sorted(str(d).replace("torch.", "") for d in kinds)),
+             str(found[who]).replace("torch.", ""), who)
+    return found[who]
 
 
 def _source_dtype(src) -> torch.dtype | None:

@@ -155,24 +155,31 @@ class _Ctx:
         self.path = path
         self.strict = strict
         self.problems: list[GGMergeError] = []
+        self.ignored: list[str] = []   # what lenient() let through, for a later fatal error to mention
 
-    def lenient(self, msg: str, node, key: str) -> None:
+    def lenient(self, msg: str, node, key: str, hint: str = "") -> None:
         """Something mergekit accepts and ignores: a WARNING (an error with ``strict``)."""
         exc = self.err(msg, node, key)
         if self.strict:
             self.problems.append(exc)
         else:
             log.warning("%s; ignored, as mergekit does (--strict makes this an error)", exc)
+            if hint:  # a likely typo, worth naming again if the recipe then fails
+                self.ignored.append(f"'{key}'" + (f" at line {exc.line}" if exc.line else "") + hint)
 
     def collect(self, exc: GGMergeError) -> None:
         self.problems.append(exc)
 
     def fail(self, exc: GGMergeError):
-        """Raise ``exc`` after the problems collected before it."""
-        raise_all(self.problems + [exc], log)
+        """Raise the problems collected so far, then ``exc`` (often their consequence) last."""
+        raise_all(self._in_file_order() + [exc], log)
 
     def done(self) -> None:
-        raise_all(self.problems, log)
+        raise_all(self._in_file_order(), log)
+
+    def _in_file_order(self) -> list[GGMergeError]:
+        # parsing visits a document's 'parameters' before its models; users read top to bottom
+        return sorted(self.problems, key=lambda e: e.line or 0)
 
     def err(self, msg: str, node=None, key: str | None = None) -> GGMergeError:
         line = None
@@ -202,9 +209,13 @@ def parse_recipe(text: str, path: str | Path = "<recipe>", *, strict: bool = Fal
     try:
         recipe = _parse_recipe(text, path, ctx)
     except GGMergeError as exc:
-        if not ctx.problems or getattr(exc, "others", None) is not None:
-            raise
-        ctx.fail(exc)
+        if ctx.problems:
+            ctx.fail(exc)
+        if ctx.ignored:
+            # the ignored key is often the cause (a typo of a key this error asks for): say so on this line
+            raise GGMergeError(f"{exc.message} (ignored: {', '.join(ctx.ignored)})", path=exc.path,
+                               tensor=exc.tensor, key=exc.key, line=exc.line) from None
+        raise
     ctx.done()
     return recipe
 
@@ -287,7 +298,7 @@ def _check_keys(node: dict, allowed: set, ctx: _Ctx, where: str, *, lenient: boo
             hint = " (to pin a revision, write it into the reference: 'model: org/name@REVISION')"
         msg = f"unknown key '{k}' in {where}{hint}"
         if lenient:
-            ctx.lenient(msg, node, k)
+            ctx.lenient(msg, node, k, hint if hint.startswith(" (did you mean") else "")
         else:
             raise ctx.err(msg, node, k)
 
@@ -453,8 +464,9 @@ def _parse_params(node, allowed: set, ctx: _Ctx, parent, key, mname) -> dict:
             if k in PARAM_KINDS:
                 ctx.lenient(f"merge_method '{mname}' does not use parameter '{k}' (it takes: {known})", node, k)
             else:
-                ctx.lenient(f"unknown parameter '{k}' for merge_method '{mname}'{did_you_mean(k, allowed)}"
-                            f" (known: {known})", node, k)
+                hint = did_you_mean(k, allowed)
+                ctx.lenient(f"unknown parameter '{k}' for merge_method '{mname}'{hint} (known: {known})",
+                            node, k, hint)
             continue
         try:
             _check_value(k, v, ctx, node)

@@ -291,11 +291,7 @@ class HFWriter:
                                           "weight_map": dict(sorted(weight_map.items()))})
 
     def _config(self, config: dict) -> dict:
-        cfg = dict(config)
-        # transformers 5 reads "dtype", 4.x and most other tools "torch_dtype": say it both ways
-        cfg["torch_dtype"] = CONFIG_DTYPE[self.dtype]
-        cfg["dtype"] = CONFIG_DTYPE[self.dtype]
-        return cfg
+        return hf_config(config, self.dtype)
 
     def _write_json(self, name: str, obj: dict) -> None:
         (self.tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
@@ -323,6 +319,15 @@ class HFWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._open:
             self.abort()
+
+
+def hf_config(config: dict, dtype: torch.dtype) -> dict:
+    """The config.json the writer stores for a model of ``dtype``."""
+    cfg = dict(config)
+    # transformers 5 reads "dtype", 4.x and most other tools "torch_dtype": say it both ways
+    cfg["torch_dtype"] = CONFIG_DTYPE[dtype]
+    cfg["dtype"] = CONFIG_DTYPE[dtype]
+    return cfg
 
 
 def _generation_config(config: dict) -> dict:
