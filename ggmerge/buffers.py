@@ -16,7 +16,7 @@ import torch
 
 
 class BufferPool:
-    def __init__(self, idle_limit: int = 256 << 20) -> None:
+    def __init__(self, idle_limit: int = 128 << 20) -> None:
         self.idle_limit = int(idle_limit)
         self._free: dict[int, list[int]] = {}             # size → ids of idle buffers, newest last
         self._idle: OrderedDict[int, torch.Tensor] = OrderedDict()  # id → idle buffer, oldest first

@@ -161,7 +161,7 @@ def default_threads() -> int:
 #: instead of being evaluated ahead whole (a Llama-3 embedding is 525M elements)
 STREAM_ELEMS = 1 << 25
 #: finished output tensors that may wait for the writer (the pool runs ahead while a streamed one is written)
-LOOKAHEAD_BYTES = 256 << 20
+LOOKAHEAD_BYTES = 128 << 20
 
 
 def evaluate_in_order(ev: Evaluator, jobs, dtype, *, threads: int | None = None, encode=None):
@@ -284,7 +284,6 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
     output; ``no_hf``: write only the GGUF files. ``threads``: tensors evaluated at once (default:
     every core this process may use); ``hash_inputs``: record full SHA-256s of input files not in the
     HF cache (default: sampled fingerprints, see :mod:`ggmerge.fingerprint`)."""
-    from .gguf_outputs import GGUFOutputs, gguf_path, parse_types
     from .writers.card import model_card
     from .writers.hf import HFWriter, hf_config
     from . import progress
@@ -292,7 +291,11 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
     p = prepare(recipe, offline=offline, strict=strict)
     try:
         out = Path(output) if output else default_output(p.recipe)
-        types = parse_types(list(getattr(p.recipe, "gguf", None) or []) + parse_types(gguf))
+        types = []
+        if gguf or p.recipe.gguf:  # (gguf-py is imported only when a GGUF is asked for)
+            from .gguf_outputs import GGUFOutputs, parse_types
+
+            types = parse_types(list(p.recipe.gguf) + parse_types(gguf))
         if no_hf and not types:
             raise GGMergeError("--no-hf writes only GGUF files: name them with --gguf TYPE[,TYPE…]",
                                key="gguf")

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 #: elements per chunk (rows are never split): 1 MiB of float32, small enough for the CPU's cache
 CHUNK_ELEMS = 1 << 18
 #: bytes a tensor in flight may keep of values needed by more than one pass (beyond that: recompute)
-CACHE_BUDGET = 384 << 20
+CACHE_BUDGET = 256 << 20
 #: the key of the output stage in the graph walk (it may have no name)
 OUTPUT = "\0output"
 

@@ -40,7 +40,7 @@ DOC_KEYS = {
 MODEL_KEYS = {"model", "parameters", "layer_range"}
 SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
 TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
-GGMERGE_KEYS = {"name", "seed", "shard_size", "keep_stages", "miniature"}
+GGMERGE_KEYS = {"name", "seed", "shard_size", "keep_stages", "miniature", "gguf"}
 #: merge methods mergekit 0.1.5 has and ggmerge does not (yet): refused with a message saying so
 MERGEKIT_ONLY_METHODS = {"sce", "karcher", "arcee_fusion", "multislerp", "nearswap", "ram", "ramplus_tl"}
 
@@ -118,6 +118,8 @@ class Recipe:
     keep_stages: list[str]
     #: folder (relative to the recipe) where the bundled miniature lineage is created on first use
     miniature: str | None = None
+    #: llama.cpp file types every build also writes as GGUF files (``ggmerge.gguf``)
+    gguf: list = field(default_factory=list)
 
     @property
     def sha256(self) -> str:
@@ -262,8 +264,20 @@ def _parse_recipe(text: str, path: Path, ctx: _Ctx) -> Recipe:
         raise ctx.err("'miniature' must be a folder name", gg, "miniature")
     if keep:
         raise ctx.err("keep_stages (writing intermediate stages) is not supported yet", gg, "keep_stages")
+    gguf = gg.get("gguf") or []
+    if isinstance(gguf, str):
+        gguf = [t for t in gguf.split(",")]
+    if not isinstance(gguf, list):
+        raise ctx.err("'gguf' must be a list of llama.cpp file types, e.g. [q4_k_m, q6_k]", gg, "gguf")
+    try:
+        from ..gguf_outputs import parse_types
+
+        types = parse_types([str(t) for t in gguf])
+    except GGMergeError as exc:
+        raise ctx.err(exc.message, gg, "gguf") from None
     return Recipe(path=path, text=text, stages=stages, name=name, seed=seed,
-                  shard_size=parse_size(shard, ctx, gg), keep_stages=[str(k) for k in keep], miniature=mini)
+                  shard_size=parse_size(shard, ctx, gg), keep_stages=[str(k) for k in keep], miniature=mini,
+                  gguf=types)
 
 
 def _default_name(path: Path) -> str:
