@@ -19,16 +19,22 @@ Mistral-architecture stand-ins for the seed's eight models (tools/bench/make_mod
 is the median of N runs; every tool runs as its own child process (tools/bench/launch.py). Ratios are
 ggmerge / anchor (lower is better) and pass / floor.
 """
-PASS_TITLE = {"merge": "seed recipe (merge)", "merge_multi": "seed recipe, one process", "convert": "HF → BF16 GGUF", "q4_k_m": "BF16 → Q4_K_M",
+PASS_TITLE = {"merge": "seed recipe (merge)", "merge_multi": "seed recipe, one process",
+              "outputs": "seed → HF + Q8_0 + Q6_K + Q4_K_M", "outputs_steps": "the same, vs ggmerge's two steps",
+              "convert": "HF → BF16 GGUF", "q4_k_m": "BF16 → Q4_K_M",
               "q6_k": "BF16 → Q6_K"}
 TARGETS = {  # pass → (metric, limit) for ggmerge / anchor
     "merge": [("wall", 0.33), ("cpu", 0.5), ("maxrss", 0.5), ("rss_anon", 0.5)],
     "merge_multi": [("wall", 0.33), ("cpu", 0.5), ("maxrss", 0.5), ("rss_anon", 0.5)],
+    "outputs": [("wall", 0.25)],
     "convert": [("wall", 1.0)],
     "q4_k_m": [("wall", 1.0)],
 }
-FLOOR_LIMIT = {"merge": 5.0, "merge_multi": 5.0}  # others: 2×
-SHORT = {("merge", "anchor"): "mergekit (7 runs)", ("merge_multi", "anchor"): "mergekit-multi", ("convert", "anchor"): "convert_hf_to_gguf.py",
+FLOOR_LIMIT = {"merge": 5.0, "merge_multi": 5.0, "outputs": 5.0, "outputs_steps": 5.0}  # others: 2×
+SHORT = {("merge", "anchor"): "mergekit (7 runs)", ("merge_multi", "anchor"): "mergekit-multi",
+         ("outputs", "anchor"): "mergekit-multi + convert + 3 × quantize",
+         ("outputs_steps", "anchor"): "ggmerge build + 3 × quantize",
+         ("outputs", "ggmerge"): "ggmerge build --gguf", ("outputs_steps", "ggmerge"): "ggmerge build --gguf", ("convert", "anchor"): "convert_hf_to_gguf.py",
          "anchor": "llama.cpp", "ggmerge": "ggmerge", "floor": "floor"}
 
 
@@ -181,7 +187,7 @@ def _commands(results: dict, passes: list[str]) -> str:
 
 def _block_merge(results: dict) -> str | None:
     pas = results["passes"].get("merge")
-    names = [n for n in ("merge", "merge_multi") if n in results["passes"]]
+    names = [n for n in ("merge", "merge_multi", "outputs", "outputs_steps") if n in results["passes"]]
     if not names:
         return None
     both = {n: results["passes"][n] for n in names}

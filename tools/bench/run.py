@@ -7,6 +7,9 @@ Passes (each tool measured as its own child by launch.py; runs interleaved ancho
 that load changes hit all three alike; medians over --runs):
   merge     the seed recipe: ggmerge build (one multi-document recipe) vs mergekit-yaml stage by stage
   merge_multi  the same recipe file run by mergekit-multi in one process (mergekit's best case)
+  outputs   the seed recipe to HF bf16 + Q8_0 + Q6_K + Q4_K_M: `ggmerge build --gguf …` (one command) vs
+            the chain users run today (mergekit-multi, convert_hf_to_gguf.py, llama-quantize per type)
+  outputs_steps  the same one command vs ggmerge's own two steps (`build`, then one `quantize` per type)
   convert   HF (Ninja-v1-RP, 3 shards) → BF16 GGUF: ggmerge convert vs convert_hf_to_gguf.py
   q4_k_m    BF16 GGUF (llama.cpp's) → Q4_K_M: ggmerge quantize vs llama_model_quantize (+ byte identity)
   q6_k      the same for Q6_K
@@ -36,7 +39,9 @@ from make_models import NINJA, SIZES, make_models, n_params
 from seed_recipe import ggmerge_recipe, mergekit_stages
 
 log = logging.getLogger("bench")
-PASSES = ["merge", "merge_multi", "convert", "q4_k_m", "q6_k"]
+PASSES = ["merge", "merge_multi", "outputs", "outputs_steps", "convert", "q4_k_m", "q6_k"]
+#: the GGUF types a merge is published with in the `outputs` passes (beside the HF bf16 folder)
+OUTPUT_TYPES = ["Q8_0", "Q6_K", "Q4_K_M"]
 METRICS = ["wall", "cpu", "maxrss", "rss_anon", "rss_file", "rchar", "wchar", "read_bytes", "write_bytes", "minflt"]
 
 
@@ -154,6 +159,61 @@ class Bench:
             self._floor("merge_multi", inputs, out_bytes)
         self.results["passes"]["merge_multi"]["io"] = {"in": _size(inputs), "out": out_bytes}
 
+    def outputs(self, steps: bool = False) -> None:
+        """Every published output from sources: the one command against a multi-command path. Each
+        path's commands run one after another and are measured as one (times and bytes add up)."""
+        pas = "outputs_steps" if steps else "outputs"
+        wdir = self.work / pas
+        recipe = wdir / "seed.yaml"
+        wdir.mkdir(parents=True, exist_ok=True)
+        recipe.write_text(ggmerge_recipe(self.models))
+        inputs = sorted(self.models.glob("*/*.safetensors"))
+        hf = wdir / "two" / "Ninja-v1-RP-expressive"
+        if steps:
+            chain = [("build", anchors.ggmerge_cmd("build", str(recipe), "-o", str(hf), "--force"), None)]
+            chain += [(f"quantize {t}", anchors.ggmerge_cmd("quantize", t, str(hf), "--force"), None)
+                      for t in OUTPUT_TYPES]
+            label = "ggmerge build + 3 × quantize"
+        else:
+            mk_bin = anchors.ensure_mergekit(anchors.CACHE)
+            bf16 = wdir / "two" / "ninja.bf16.gguf"
+            conv, conv_env = anchors.llama_convert_cmd(hf, bf16)
+            chain = [("mergekit-multi", [str(mk_bin / "mergekit-multi"), str(recipe), "-I", str(wdir / "inter"),
+                                         "--out-path", str(hf), "--random-seed", "0"], None),
+                     ("convert_hf_to_gguf.py", conv, conv_env)]
+            chain += [(f"llama-quantize {t}", anchors.llama_quantize_cmd(bf16, wdir / "two" / f"ninja.{t}.gguf", t),
+                       None) for t in OUTPUT_TYPES]
+            label = "mergekit-multi + convert_hf_to_gguf.py + 3 × llama-quantize"
+        one = wdir / "one" / "Ninja-v1-RP-expressive"
+        gg_cmd = anchors.ggmerge_cmd("build", str(recipe), "-o", str(one), "--force", "--gguf",
+                                     ",".join(t.lower() for t in OUTPUT_TYPES))
+        out_bytes = 0
+        for r in range(self.runs):
+            shutil.rmtree(wdir / "two", ignore_errors=True)
+            shutil.rmtree(wdir / "inter", ignore_errors=True)
+            per_step = []
+            for name, cmd, env in chain:
+                rec = self.measure(f"{pas}-{name.replace(' ', '-')}", cmd, env)
+                rec["stage"] = name
+                per_step.append(rec)
+                if "error" in rec:
+                    break
+            self._record(pas, "anchor", _aggregate(per_step), "\n".join(shlex.join(c) for _, c, _ in chain),
+                         {"name": label})
+            self.results["passes"][pas]["anchor"].setdefault("stages", []).append(per_step)
+            shutil.rmtree(wdir / "one", ignore_errors=True)
+            rec = self.measure(f"{pas}-ggmerge", gg_cmd)
+            outs = list((wdir / "one").glob("*.gguf")) + list(one.glob("*.safetensors"))
+            out_bytes = _size(outs) or out_bytes
+            self._record(pas, "ggmerge", rec, shlex.join(gg_cmd), {"name": "ggmerge build --gguf (one command)"})
+            if steps and r == self.runs - 1:  # the one command's files against the two steps'
+                same = {t: (wdir / "one" / f"Ninja-v1-RP-expressive.{t}.gguf").read_bytes()
+                        == (wdir / "two" / f"Ninja-v1-RP-expressive.{t}.gguf").read_bytes()
+                        for t in OUTPUT_TYPES}
+                self.results["passes"][pas]["same_bytes"] = same
+            self._floor(pas, inputs, out_bytes)
+        self.results["passes"][pas]["io"] = {"in": _size(inputs), "out": out_bytes}
+
     def convert(self) -> None:
         src = self.models / NINJA
         wdir = self.work / "convert"
@@ -227,6 +287,8 @@ class Bench:
                 self.merge()
             elif pas == "merge_multi":
                 self.merge_multi()
+            elif pas in ("outputs", "outputs_steps"):
+                self.outputs(steps=pas == "outputs_steps")
             elif pas == "convert":
                 self.convert()
             else:
