@@ -159,7 +159,7 @@ def default_threads() -> int:
 
 #: output tensors at least this large (elements) are streamed to the writer chunk by chunk, in turn,
 #: instead of being evaluated ahead whole (a Llama-3 embedding is 525M elements)
-STREAM_ELEMS = 1 << 25
+STREAM_ELEMS = 1 << 27
 #: finished output tensors that may wait for the writer (the pool runs ahead while a streamed one is written)
 LOOKAHEAD_BYTES = 128 << 20
 

@@ -32,11 +32,11 @@ import torch
 
 from .buffers import POOL
 from .errors import GGMergeError
-from .methods import PARAM_KINDS, Method, seeded_generator
+from .methods import Method, seeded_generator
 from .methods import bernoulli, sparsify as sp
 from .methods.task_arithmetic import generalized_task_arithmetic
 from .methods.model_stock import model_stock_t
-from .recipe.params import resolve
+from .recipe.params import resolve_all
 from .recipe.plan import Inputs, StageInfo, TensorJob
 from .recipe.schema import Recipe, Stage
 
@@ -222,9 +222,9 @@ class _Run:
         ops = job.operands[1:] if has_base else job.operands
         # per-model settings are matched against that model's own tensor name (as mergekit does; it
         # differs from the output name only in slices with shifted layer ranges)
-        mp = [_resolve_all(method.model_params, (op.params, job.slice_params, st.params), job, op.tensor)
+        mp = [resolve_all(method.model_params, (op.params, job.slice_params, st.params), job, op.tensor)
               for op in ops]
-        p = _resolve_all(method.params, (job.slice_params, st.params), job, job.name)
+        p = resolve_all(method.params, (job.slice_params, st.params), job, job.name)
         try:
             node.model_params, node.params = method.complete(mp, p, tensor=node.name)
         except GGMergeError as exc:
@@ -700,19 +700,3 @@ def _prefix_keys(node: _Node) -> list[tuple]:
     terms = tuple((id(m), float(torch.tensor(float(p["weight"]), dtype=torch.float32)))
                   for m, p in zip(models, node.model_params))
     return [(base, terms[:j]) for j in range(1, len(terms))]
-
-
-def _resolve_all(spec: dict, chain: tuple[dict, ...], job: TensorJob, tensor: str) -> dict:
-    """Per-tensor value of every parameter in ``spec``: the first of ``chain`` (model entry, then
-    slice, then the stage's ``parameters``) whose setting applies to this tensor — a filter list that
-    matches nothing falls through to the next, as in mergekit — else the method's default."""
-    out = {}
-    for key, default in spec.items():
-        value = None
-        for c in chain:
-            if key in c:
-                value = resolve(c[key], tensor, job.layer, job.span, kind=PARAM_KINDS.get(key), key=key)
-                if value is not None:
-                    break
-        out[key] = default if value is None else value
-    return out

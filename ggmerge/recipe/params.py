@@ -187,3 +187,23 @@ def validate(value: Any, *, key: str, kind: type | None = None) -> None:
             entry(e, i)
     else:
         scalar_or_gradient(value, "")
+
+
+def resolve_all(spec: dict, chain: tuple[dict, ...], job, tensor: str) -> dict:
+    """Per-tensor value of every parameter in ``spec`` (name → the method's default) for tensor
+    ``tensor`` of ``job`` (a plan TensorJob: its layer and span): the first of ``chain`` (model entry,
+    then slice, then the stage's ``parameters``) whose setting applies to this tensor — a filter list that
+    matches nothing falls through to the next, as in mergekit — else the default. The one function the
+    planner's checks and the evaluator resolve parameters with."""
+    from ..methods import PARAM_KINDS
+
+    out = {}
+    for key, default in spec.items():
+        value = None
+        for c in chain:
+            if key in c:
+                value = resolve(c[key], tensor, job.layer, job.span, kind=PARAM_KINDS.get(key), key=key)
+                if value is not None:
+                    break
+        out[key] = default if value is None else value
+    return out

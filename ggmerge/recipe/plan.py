@@ -17,6 +17,7 @@ import torch
 from ..arch import family_for
 from ..errors import GGMergeError, raise_all
 from ..tokenizer.vocab import Vocab
+from .params import resolve_all
 from .schema import ModelInput, Recipe, Stage
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,6 @@ def _check_della(st: Stage, info: StageInfo, recipe_path) -> list[GGMergeError]:
     """DELLA's ``0 < density - epsilon`` and ``density + epsilon < 1`` (when 0 < density < 1) for every
     model and tensor, from the parameters each tensor resolves to (gradients, filters, scopes), so the
     recipe fails before the pass and not at the first offending tensor. One problem per model."""
-    from ..evaluator import _resolve_all
     from ..methods.sparsify import check_della
 
     m = st.method
@@ -214,7 +214,7 @@ def _check_della(st: Stage, info: StageInfo, recipe_path) -> list[GGMergeError]:
         for op in ops:
             if op.ref in problems:
                 continue
-            p = _resolve_all(m.model_params, (op.params, job.slice_params, st.params), job, op.tensor)
+            p = resolve_all(m.model_params, (op.params, job.slice_params, st.params), job, op.tensor)
             try:
                 check_della(float(p["density"]), float(p["epsilon"]))
             except GGMergeError as exc:

@@ -77,7 +77,7 @@ class Stage:
     slices: list[Slice] | None
     params: dict
     #: None when the recipe gives no ``dtype:``: the planner then takes the inputs' stored dtype, as
-    #: mergekit keeps it (``ggmerge.recipe.plan.resolve_dtypes``)
+    #: mergekit keeps it (``ggmerge.recipe.plan._input_dtype``)
     dtype: torch.dtype | None
     out_dtype: torch.dtype | None
     tokenizer_source: str | None   # "union" | "base" | a model/stage reference | None
