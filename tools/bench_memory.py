@@ -400,7 +400,7 @@ def real_shapes(work: Path, names: list[str]) -> list[dict]:
         estimate = int(est.stdout.strip().splitlines()[-1])
         print(f"  {name}: building …", flush=True)
         m = run_ggmerge(["build", recipe, "-o", out, "--force"])
-        total, largest = safetensors_stats([root / "models" / ROLES[0]])
+        total, largest = safetensors_stats([root / "models" / next(iter(ROLES))])
         rows.append(dict(label=name, model=total, largest=largest, estimate=estimate, **m))
         print(f"    anon peak {m['anon'] / MB:,.0f} MB, estimate {estimate / MB:,.0f} MB, "
               f"peak RSS {m['maxrss'] / MB:,.0f} MB, {m['wall']:.0f} s", flush=True)
