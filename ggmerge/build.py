@@ -327,7 +327,7 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
                 from .quantize import quantize_many
 
                 log.info("%s is up to date; adding %s", out, ", ".join(ft.name for ft in missing))
-                made = quantize_many(missing, out, force=True)
+                made = quantize_many(missing, out)
                 prev.setdefault("gguf", {}).update(_gguf_entries(out, {m.name: sha256_file(m, cache={})
                                                                       for m in made}))
                 from .atomic import atomic_path

@@ -76,15 +76,14 @@ def quantize(type, input: str | None = None, output: str | None = None, *,  # no
             log.info("%s is older than %s: quantizing again", out, src)
         todo.append((ft, out))
     if todo:
-        quantize_many([ft for ft, _ in todo], src, outputs=[o for _, o in todo], force=True)
+        quantize_many([ft for ft, _ in todo], src, outputs=[o for _, o in todo])
     return outs[0] if len(names) == 1 and isinstance(type, str) and "," not in type else outs
 
 
-def quantize_many(fts: list[FileType], src: Path, *, outputs: list[Path] | None = None,
-                  force: bool = False) -> list[Path]:
+def quantize_many(fts: list[FileType], src: Path, *, outputs: list[Path] | None = None) -> list[Path]:
     """One GGUF per file type in ``fts`` from ONE read of ``src`` (an HF folder or a GGUF): each tensor
     is loaded and decoded once and encoded for every file. Each file is byte-identical to what a
-    separate ``quantize`` of its type writes."""
+    separate ``quantize`` of its type writes. Existing outputs are replaced (the caller decides)."""
     from .convert.gguf_out import GGUFFile, OutTensor, _encode
     from .progress import track
 
@@ -350,20 +349,6 @@ def _copy_field(w: gguf.GGUFWriter, f, path: Path) -> None:
     if f.name == "general.alignment":
         w.data_alignment = int(val)
     w.add_key_value(f.name, val, vtype, sub_type=sub)
-
-
-def _plan_hf(folder: Path, ft: FileType):
-    """An HF folder through the converter's own plan, so the result equals ``ggmerge convert
-    --outtype bf16`` followed by llama-quantize: same metadata, and values rounded to bf16 first
-    (llama-quantize reads the bf16 file's values, not the float32 ones)."""
-    from .sources import open_source
-
-    source = open_source(folder)
-    try:
-        return (*plan_source(source, folder, ft), source.close)
-    except BaseException:
-        source.close()
-        raise
 
 
 def plan_source(source, folder: Path, ft: FileType):
