@@ -16,21 +16,10 @@ import ggmerge.evaluator as evaluator
 from ggmerge.atomic import TMP_SUFFIX, output_lock
 from ggmerge.build import build
 from ggmerge.errors import GGMergeError
-from ggmerge.miniature import ROLES, config, write_model
 from ggmerge.quantize import quantize
 
-SMALL = config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-               num_hidden_layers=2)
-RECIPE = Path(__file__).resolve().parents[1] / "examples" / "ninja-mini" / "ggmerge.yaml"
-
-
-@pytest.fixture(scope="module")
-def lineage(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("outputs")
-    for role in ROLES:
-        write_model(root / "models" / role, role, SMALL)
-    (root / "ggmerge.yaml").write_text(RECIPE.read_text().replace("  miniature: models\n", ""))
-    return root
+# the seed-shaped lineage of tiny models the build tests use (a module-scoped fixture: made once here)
+from test_build import lineage  # noqa: E402,F401
 
 
 def _sha(p: Path) -> str:
