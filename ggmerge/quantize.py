@@ -136,6 +136,8 @@ def _freshness(out: Path, src: Path, ft) -> str:
     (A hash inside the GGUF would make our files differ from llama-quantize's byte for byte.)"""
     import gguf
 
+    if src.is_dir() and _listed_by_build(out, src):
+        return "fresh"
     try:
         f = gguf.GGUFReader(out, "r").get_field("general.file_type")
         if f is None or int(f.contents()) != int(ft.ftype):
@@ -144,6 +146,20 @@ def _freshness(out: Path, src: Path, ft) -> str:
     except (OSError, ValueError, KeyError, IndexError):
         return "foreign"
     return "fresh" if out.stat().st_mtime_ns > newest else "stale"
+
+
+def _listed_by_build(out: Path, src: Path) -> bool:
+    """``out`` is a GGUF that ``ggmerge build --gguf`` wrote from the build in ``src`` (its record lists
+    it, unchanged since): up to date although the HF folder was moved into place after it."""
+    from .build import RECORD
+
+    try:
+        entry = (json.loads((src / RECORD).read_text(encoding="utf-8")).get("gguf") or {}).get(out.name) or {}
+        st = out.stat()
+    except (OSError, ValueError, AttributeError):
+        return False
+    return out.parent.resolve() == src.parent.resolve() and entry.get("size") == st.st_size \
+        and entry.get("mtime_ns") == st.st_mtime_ns
 
 
 # --- where input and output are ------------------------------------------------------------------

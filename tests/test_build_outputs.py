@@ -54,6 +54,8 @@ def test_reruns_skip_current_outputs_and_add_only_new_types(lineage, tmp_path):
     before = (shard.stat().st_mtime_ns, q8.stat().st_mtime_ns)
     build(str(lineage / "ggmerge.yaml"), str(out), gguf="q8_0")  # nothing to do
     assert (shard.stat().st_mtime_ns, q8.stat().st_mtime_ns) == before
+    quantize("q8_0", str(out))  # the two-step form sees the build's own file as up to date
+    assert q8.stat().st_mtime_ns == before[1]
     build(str(lineage / "ggmerge.yaml"), str(out), gguf="q8_0,q4_k_m")  # only the new type is made
     assert (shard.stat().st_mtime_ns, q8.stat().st_mtime_ns) == before
     q4 = tmp_path / "m.Q4_K_M.gguf"
