@@ -295,7 +295,10 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
         if gguf or p.recipe.gguf:  # (gguf-py is imported only when a GGUF is asked for)
             from .gguf_outputs import GGUFOutputs, parse_types
 
-            types = parse_types(list(p.recipe.gguf) + parse_types(gguf))
+            try:
+                types = parse_types(list(p.recipe.gguf) + parse_types(gguf))
+            except GGMergeError as exc:
+                raise GGMergeError(exc.message, key="gguf") from None
         if no_hf and not types:
             raise GGMergeError("--no-hf writes only GGUF files: name them with --gguf TYPE[,TYPE…]",
                                key="gguf")

@@ -102,11 +102,15 @@ def _dispatch(args: argparse.Namespace):
         from .quantize import quantize
 
         types = kw.pop("type")
-        if len(types) > 1 or Path(types[-1]).exists():
+        last = types[-1]
+        # the last argument is the INPUT when it names a file or folder (or is not a type and looks like a
+        # path); otherwise a misspelt type gets the type error, not "no such file"
+        if len(types) > 1 or Path(last).exists():
             try:
-                parse_ftype(types[-1])
+                parse_ftype(last)
             except GGMergeError:
-                kw["input"] = types.pop()
+                if Path(last).exists() or "/" in last or last.lower().endswith(".gguf"):
+                    kw["input"] = types.pop()
         return quantize(types[0] if len(types) == 1 else types, **kw)
     if args.verb == "convert":
         from .convert import convert

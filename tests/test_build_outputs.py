@@ -123,3 +123,16 @@ def test_a_second_writer_of_one_output_is_refused_and_loses_nothing(lineage, tmp
                         str(out)], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert (out / "model.safetensors").stat().st_size > 1000 and not partial.exists()
+
+
+def test_quantize_cli_takes_several_types_and_an_input(lineage, tmp_path):
+    out = build(str(lineage / "ggmerge.yaml"), str(tmp_path / "m"))
+    env = dict(os.environ, GGMERGE_PROGRESS="0")
+    cli = [sys.executable, "-m", "ggmerge.cli", "quantize"]
+    r = subprocess.run(cli + ["q8_0", "q4_k_m", str(out)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    for t in ("Q8_0", "Q4_K_M"):
+        made = tmp_path / f"m.{t}.gguf"
+        assert made.read_bytes() == quantize(t, str(out), str(tmp_path / f"one.{t}.gguf")).read_bytes()
+    r = subprocess.run(cli + ["q4_k_m", "q8_1"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode != 0 and "unknown quantization type 'q8_1'" in r.stderr
