@@ -34,8 +34,6 @@ from .buffers import POOL
 from .errors import GGMergeError
 from .methods import Method, seeded_generator
 from .methods import bernoulli, sparsify as sp
-from .methods.task_arithmetic import generalized_task_arithmetic
-from .methods.model_stock import model_stock_t
 from .recipe.params import resolve_all
 from .recipe.plan import Inputs, StageInfo, TensorJob
 from .recipe.schema import Recipe, Stage
