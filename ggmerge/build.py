@@ -21,6 +21,7 @@ from .fingerprint import combined, fingerprint, sha256_file
 from .recipe.plan import Inputs, StageInfo, plan_recipe
 from .recipe.schema import Recipe, load_recipe
 from .sources import open_source
+from .cpus import default_threads
 from .evaluator import Evaluator
 
 log = logging.getLogger(__name__)
@@ -148,13 +149,6 @@ def _itemsize(stage) -> int:
 
     dt = stage.out_dtype or stage.dtype
     return torch.empty((), dtype=dt).element_size()
-
-
-def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 #: output tensors at least this large (elements) are streamed to the writer chunk by chunk, in turn,

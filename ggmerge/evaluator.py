@@ -34,6 +34,7 @@ from .buffers import POOL
 from .errors import GGMergeError
 from .methods import Method, seeded_generator
 from .methods import bernoulli, sparsify as sp
+from .methods.model_stock import t_from_cosines
 from .recipe.params import resolve_all
 from .recipe.plan import Inputs, StageInfo, TensorJob
 from .recipe.schema import Recipe, Stage
@@ -665,11 +666,7 @@ def model_stock_t_from_gram(norms: torch.Tensor, dots: torch.Tensor) -> torch.Te
     for i in range(n):
         for j in range(i + 1, n):
             cosines.append((dots[i, j] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    denom = 1 + (n - 1) * cos
-    singular = denom.abs() < 1e-6
-    safe = torch.where(singular, torch.ones_like(denom), denom)
-    return torch.where(singular, torch.zeros_like(cos), (n * cos) / safe)
+    return t_from_cosines(cosines, n)
 
 
 def _model_stock_apply(base: torch.Tensor, models: list[torch.Tensor], t: torch.Tensor) -> torch.Tensor:

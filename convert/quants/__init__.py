@@ -20,13 +20,13 @@ after importing numba itself (~0.5 s).
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as _gguf_quants
 
+from ggmerge.cpus import default_threads
 from ggmerge.errors import GGMergeError
 
 from .types import TABLE, QuantType
@@ -51,13 +51,6 @@ def can_quantize(qtype: GGMLQuantizationType) -> bool:
     except ValueError:
         return False
 
-
-def default_threads() -> int:
-    """Threads used by :func:`quantize` unless told otherwise: the CPUs this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def quantize(data: np.ndarray, qtype: GGMLQuantizationType, *, threads: int | None = None,

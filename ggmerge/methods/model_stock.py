@@ -22,8 +22,12 @@ def model_stock_t(offsets: list[torch.Tensor]) -> torch.Tensor:
         for b in offsets[i + 1 :]:
             norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
             cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    return t_from_cosines(cosines, len(offsets))
+
+
+def t_from_cosines(cosines: list[torch.Tensor], n: int) -> torch.Tensor:
+    """t from the pairwise cosines of ``n`` offsets (the chunked evaluator gets them from a Gram matrix)."""
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    n = len(offsets)
     denom = 1 + (n - 1) * cos
     singular = denom.abs() < 1e-6
     safe = torch.where(singular, torch.ones_like(denom), denom)
