@@ -283,7 +283,7 @@ def test_kernels_compile_to_plain_float32_ops(tmp_path, monkeypatch):
     dst = tmp_path / "quants_nocache"
     dst.mkdir()
     (dst / "__init__.py").write_text("")
-    mods = ["ggml_float", "legacy", "kquants", "kquants_low"]
+    mods = ["ggml_float", "legacy", "kquants", "kquants_low", "weighted"]
     for m in mods:
         text = (src / f"{m}.py").read_text()
         if m == "ggml_float":
@@ -298,6 +298,12 @@ def test_kernels_compile_to_plain_float32_ops(tmp_path, monkeypatch):
             for name in dir(copies[m]):
                 if name.startswith("quantize_"):
                     getattr(copies[m], name)(x, np.zeros(2048, np.uint8))
+        qw = _rng(12).random(256).astype(np.float32)
+        for name in dir(copies["weighted"]):
+            if name.startswith("quantize_"):
+                getattr(copies["weighted"], name)(x, np.zeros(2048, np.uint8), qw)
+                if name.startswith("quantize_iq4"):  # the NULL-weights path too
+                    getattr(copies["weighted"], name)(x, np.zeros(2048, np.uint8), qw[:0])
         checked = 0
         for m, mod in copies.items():
             for name, fn in vars(mod).items():
@@ -312,7 +318,7 @@ def test_kernels_compile_to_plain_float32_ops(tmp_path, monkeypatch):
                     assert not re.search(r"vf[n]?m(add|sub)", asm), f"{m}.{name}: FMA"
                     assert not re.search(r"cvtss2sd|cvtsd2ss", body), f"{m}.{name}: float64"
                     checked += 1
-        assert checked >= 30
+        assert checked >= 45
     finally:
         for m in [k for k in sys.modules if k.startswith("quants_nocache")]:
             del sys.modules[m]

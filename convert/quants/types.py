@@ -22,6 +22,10 @@ class QuantType:
     #: "module.function" of the kernel in this package; None for F32 (a copy of the bytes)
     kernel_name: str | None
     mirrors: str  # the ggml function whose bytes the kernel reproduces
+    #: "module.function" of the kernel taking importance weights, ``kernel(x, out, qw)`` over whole
+    #: rows (:mod:`.weighted`); None where ggml ignores them (F32, F16, BF16, Q8_0). A type with only
+    #: this kernel (IQ4_NL, IQ4_XS) runs it with empty ``qw`` (C's NULL) when there is no imatrix.
+    weighted_name: str | None = None
 
     @property
     def block_size(self) -> int:
@@ -37,8 +41,15 @@ class QuantType:
         return self.qtype not in (Q.F32, Q.F16, Q.BF16)
 
     def kernel(self) -> Callable:
-        module, name = self.kernel_name.rsplit(".", 1)
-        return getattr(importlib.import_module(f".{module}", __package__), name)
+        return _load(self.kernel_name)
+
+    def weighted_kernel(self) -> Callable:
+        return _load(self.weighted_name)
+
+
+def _load(dotted: str) -> Callable:
+    module, name = dotted.rsplit(".", 1)
+    return getattr(importlib.import_module(f".{module}", __package__), name)
 
 
 TABLE: dict[Q, QuantType] = {t.qtype: t for t in [
@@ -46,13 +57,24 @@ TABLE: dict[Q, QuantType] = {t.qtype: t for t in [
     QuantType(Q.F16, "legacy.quantize_f16", "ggml_fp32_to_fp16_row"),
     QuantType(Q.BF16, "legacy.quantize_bf16", "ggml_fp32_to_bf16_row_ref"),
     QuantType(Q.Q8_0, "legacy.quantize_q8_0", "quantize_row_q8_0_ref"),
-    QuantType(Q.Q4_0, "legacy.quantize_q4_0", "quantize_row_q4_0_ref"),
-    QuantType(Q.Q4_1, "legacy.quantize_q4_1", "quantize_row_q4_1_ref"),
-    QuantType(Q.Q5_0, "legacy.quantize_q5_0", "quantize_row_q5_0_ref"),
-    QuantType(Q.Q5_1, "legacy.quantize_q5_1", "quantize_row_q5_1_ref"),
-    QuantType(Q.Q2_K, "kquants_low.quantize_q2_k", "quantize_row_q2_K_ref"),
-    QuantType(Q.Q3_K, "kquants_low.quantize_q3_k", "quantize_row_q3_K_ref"),
-    QuantType(Q.Q4_K, "kquants.quantize_q4_k", "quantize_row_q4_K_ref"),
-    QuantType(Q.Q5_K, "kquants.quantize_q5_k", "quantize_row_q5_K_ref"),
-    QuantType(Q.Q6_K, "kquants.quantize_q6_k", "quantize_row_q6_K_ref"),
+    QuantType(Q.Q4_0, "legacy.quantize_q4_0", "quantize_row_q4_0_ref / quantize_row_q4_0_impl",
+              "weighted.quantize_q4_0_w"),
+    QuantType(Q.Q4_1, "legacy.quantize_q4_1", "quantize_row_q4_1_ref / quantize_row_q4_1_impl",
+              "weighted.quantize_q4_1_w"),
+    QuantType(Q.Q5_0, "legacy.quantize_q5_0", "quantize_row_q5_0_ref / quantize_row_q5_0_impl",
+              "weighted.quantize_q5_0_w"),
+    QuantType(Q.Q5_1, "legacy.quantize_q5_1", "quantize_row_q5_1_ref / quantize_row_q5_1_impl",
+              "weighted.quantize_q5_1_w"),
+    QuantType(Q.Q2_K, "kquants_low.quantize_q2_k", "quantize_row_q2_K_ref / quantize_row_q2_K_impl",
+              "weighted.quantize_q2_k_w"),
+    QuantType(Q.Q3_K, "kquants_low.quantize_q3_k", "quantize_row_q3_K_ref / quantize_row_q3_K_impl",
+              "weighted.quantize_q3_k_w"),
+    QuantType(Q.Q4_K, "kquants.quantize_q4_k", "quantize_row_q4_K_ref / quantize_row_q4_K_impl",
+              "weighted.quantize_q4_k_w"),
+    QuantType(Q.Q5_K, "kquants.quantize_q5_k", "quantize_row_q5_K_ref / quantize_row_q5_K_impl",
+              "weighted.quantize_q5_k_w"),
+    QuantType(Q.Q6_K, "kquants.quantize_q6_k", "quantize_row_q6_K_ref / quantize_row_q6_K_impl",
+              "weighted.quantize_q6_k_w"),
+    QuantType(Q.IQ4_NL, None, "quantize_iq4_nl", "weighted.quantize_iq4_nl"),
+    QuantType(Q.IQ4_XS, None, "quantize_iq4_xs", "weighted.quantize_iq4_xs"),
 ]}
