@@ -41,6 +41,8 @@ class OutTensor:
     load: Callable[[], np.ndarray]
     #: optional: already-encoded bytes to copy verbatim (e.g. an unchanged quantized input tensor)
     raw: Callable[[], np.ndarray] | None = None
+    #: optional importance weights for the quantizer: (n_cols,) or (n_experts, n_cols) float32
+    imatrix: np.ndarray | None = None
 
 
 def encoded_nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
@@ -204,7 +206,7 @@ def _encode(t: OutTensor, path) -> np.ndarray:
         # NaN propagates through min/max and ±inf shows as itself, so this is the same test
         if arr.size and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):
             raise GGMergeError("holds NaN or infinite values; refusing to write them", path=path, tensor=t.name)
-        return np.ascontiguousarray(quantize(arr, t.qtype, tensor=t.name))
+        return np.ascontiguousarray(quantize(arr, t.qtype, tensor=t.name, imatrix=t.imatrix))
     except GGMergeError as exc:
         if exc.tensor is None:
             exc.tensor = t.name

@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="refuse recipe keys and parameters mergekit ignores (default: ignore them with a warning)")
 
     q = sub.add_parser("quantize", help="write a quantized GGUF (q4_k_m, q6_k, q8_0, ...)",
-                       epilog="examples:\n  ggmerge quantize q4_k_m\n  ggmerge quantize Q6_K model.bf16.gguf -o m.Q6_K.gguf",
+                       epilog="examples:\n  ggmerge quantize q4_k_m\n  ggmerge quantize Q6_K model.bf16.gguf -o m.Q6_K.gguf"
+                              "\n  ggmerge quantize iq4_xs q4_k_m model.bf16.gguf --imatrix imatrix.gguf",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("type", nargs="+", metavar="TYPE",
                    help="llama.cpp file type(s), case-insensitive (e.g. q4_k_m q6_k: all from one read of the "
@@ -64,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
                                           "with several types, a folder")
     q.add_argument("--force", action="store_true", help="overwrite an existing output")
     q.add_argument("--recipe", default="ggmerge.yaml", help="recipe whose build to quantize (default: ./ggmerge.yaml)")
+    q.add_argument("--imatrix", metavar="FILE",
+                   help="importance matrix (llama.cpp imatrix .gguf or legacy .dat, e.g. from `ggmerge imatrix` or "
+                        "llama-imatrix): imatrix-weighted quants, the same bytes as `llama-quantize --imatrix FILE`; "
+                        "needed by Q2_K_S")
 
     c = sub.add_parser("convert", help="HF folder → GGUF, or GGUF → HF folder",
                        epilog="examples:\n  ggmerge convert ./model -o model.f16.gguf --outtype f16\n"

@@ -10,6 +10,12 @@ Mirrors ``llama_model_quantize_impl`` (src/llama-quant.cpp): every KV pair is co
 a tensor whose chosen type equals its stored type is copied byte for byte; every other one is decoded
 to float32 (what llama.cpp does with 16-bit input) and encoded by our codecs. The per-tensor types come
 from :mod:`ggmerge.convert.quants.policy`; each fallback is logged as a warning.
+
+``imatrix=FILE`` is ``llama-quantize --imatrix FILE``: a llama.cpp imatrix file (GGUF or legacy .dat,
+:mod:`ggmerge.imatrix.files`) whose per-column weights go to the quantizers of every re-encoded tensor
+that has an entry; the mixture rules see ``has_imatrix``; the output gets the ``quantize.imatrix.*``
+keys llama-quantize appends (the path recorded as given). A type that needs an imatrix (Q2_K_S) is
+refused without one.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import numpy as np
 
 from .errors import GGMergeError
 from .convert.quants.ftypes import FileType, parse_ftype
-from .convert.quants.policy import Choice, Hparams, choose_types, llama_order
+from .convert.quants.policy import Choice, Hparams, check_imatrix_given, choose_types, llama_order
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +46,17 @@ _SKIP_KEYS = ("general.architecture", "general.quantization_version", "general.f
 
 
 def quantize(type, input: str | None = None, output: str | None = None, *,  # noqa: A002
-             force: bool = False, recipe: str = "ggmerge.yaml") -> Path | list[Path]:
+             force: bool = False, recipe: str = "ggmerge.yaml", imatrix: str | None = None) -> Path | list[Path]:
     """Write a GGUF of file type ``type`` (default name ``<dir>/<name>.<TYPE>.gguf``) and return its path.
 
     ``type`` may also be several types (a list, or ``"q4_k_m,q6_k"``): every file is made from one read of
-    the input, and the list of paths is returned; ``output`` then names a folder, or nothing."""
+    the input, and the list of paths is returned; ``output`` then names a folder, or nothing.
+    ``imatrix``: an importance-matrix file, as ``llama-quantize --imatrix``."""
     names = [t for t in (type.split(",") if isinstance(type, str) else type) if str(t).strip()]
     fts = list(dict.fromkeys(parse_ftype(t) for t in names))
     if not fts:
         raise GGMergeError("name at least one file type (e.g. q4_k_m)", key="type")
+    im = load_imatrix_arg(imatrix)
     if input is None:
         src = latest_build_output(recipe)
         log.info("quantizing the latest build of %s: %s", recipe, src)
@@ -66,7 +74,7 @@ def quantize(type, input: str | None = None, output: str | None = None, *,  # no
         if out.resolve() == src.resolve():
             raise GGMergeError("the output would overwrite the input; name another output with -o", path=out)
         if out.exists() and not force:
-            state = _freshness(out, src, ft)
+            state = _freshness(out, src, ft, imatrix if im is not None else None)
             if state == "fresh":
                 log.info("%s is up to date (newer than %s, same file type); use --force to redo it", out, src)
                 continue
@@ -76,14 +84,64 @@ def quantize(type, input: str | None = None, output: str | None = None, *,  # no
             log.info("%s is older than %s: quantizing again", out, src)
         todo.append((ft, out))
     if todo:
-        quantize_many([ft for ft, _ in todo], src, outputs=[o for _, o in todo])
+        quantize_many([ft for ft, _ in todo], src, outputs=[o for _, o in todo], imatrix=im,
+                      imatrix_arg=imatrix)
     return outs[0] if len(names) == 1 and isinstance(type, str) and "," not in type else outs
 
 
-def quantize_many(fts: list[FileType], src: Path, *, outputs: list[Path] | None = None) -> list[Path]:
+def load_imatrix_arg(imatrix: str | os.PathLike | None):
+    """The :class:`~ggmerge.imatrix.files.Imatrix` of an ``--imatrix`` argument, or None for none
+    (also for a file with no entries: llama-quantize then runs as without one)."""
+    if imatrix is None:
+        return None
+    from .imatrix.files import load_imatrix
+
+    im = load_imatrix(imatrix)
+    log.info("imatrix %s: %d entries, %d chunk(s)%s", imatrix, len(im.weights), im.chunk_count,
+             f", datasets {im.datasets}" if im.datasets else "")
+    return im if im.weights else None
+
+
+def _with_imatrix(tensors: list, choices: dict[str, Choice], ft: FileType, im, imatrix_arg, where: Path,
+                  kept: set[str]) -> None:
+    """Attach each re-encoded tensor's importance weights (llama_model_quantize_impl looks an entry up
+    only for a tensor whose type changes: not for those in ``kept``)."""
+    if im is None:
+        return
+    missing = 0
+    for t in tensors:
+        if t.name in kept:
+            continue
+        shape = tuple(t.shape)
+        try:
+            t.imatrix = im.for_tensor(t.name, shape[-1], shape[0] if len(shape) == 3 else 1)
+        except GGMergeError as exc:
+            raise GGMergeError(f"{exc.message} (--imatrix {imatrix_arg})", path=where, tensor=t.name) from None
+        missing += t.imatrix is None and choices[t.name].qtype not in _FLOAT_TYPES
+    if missing:
+        log.info("imatrix has no weights for %d quantized tensor(s) of %s (quantized without, as "
+                 "llama-quantize does)", missing, where.name)
+
+
+def imatrix_kvs(im, imatrix_arg) -> list[tuple[str, object, str]]:
+    return [] if im is None else im.quantize_kvs(os.fspath(imatrix_arg))
+
+
+def _add_kvs(w: gguf.GGUFWriter, kvs) -> None:
+    for key, val, kind in kvs:
+        w.kv_data[0].pop(key, None)  # gguf_set_val_*: removed, then appended
+        if kind == "str":
+            w.add_string(key, val)
+        else:
+            w.add_uint32(key, val)
+
+
+def quantize_many(fts: list[FileType], src: Path, *, outputs: list[Path] | None = None, imatrix=None,
+                  imatrix_arg: str | None = None) -> list[Path]:
     """One GGUF per file type in ``fts`` from ONE read of ``src`` (an HF folder or a GGUF): each tensor
     is loaded and decoded once and encoded for every file. Each file is byte-identical to what a
-    separate ``quantize`` of its type writes. Existing outputs are replaced (the caller decides)."""
+    separate ``quantize`` of its type writes. Existing outputs are replaced (the caller decides).
+    ``imatrix``: a loaded :class:`~ggmerge.imatrix.files.Imatrix` (``imatrix_arg``: its path as given)."""
     from .convert.gguf_out import GGUFFile, OutTensor, _encode
     from .progress import track
 
@@ -96,12 +154,12 @@ def quantize_many(fts: list[FileType], src: Path, *, outputs: list[Path] | None 
         close = source.close
         plans = []
         try:
-            plans = [plan_source(source, src, ft) for ft in fts]
+            plans = [plan_source(source, src, ft, imatrix=imatrix, imatrix_arg=imatrix_arg) for ft in fts]
         except BaseException:
             close()
             raise
     else:
-        planned = [_plan_gguf(src, ft) for ft in fts]
+        planned = [_plan_gguf(src, ft, imatrix=imatrix, imatrix_arg=imatrix_arg) for ft in fts]
         plans = [p[:3] for p in planned]
         close = lambda: None  # noqa: E731
     files: list[GGUFFile] = []
@@ -119,7 +177,7 @@ def quantize_many(fts: list[FileType], src: Path, *, outputs: list[Path] | None 
                     if t.raw is None:
                         if values is None:
                             values = t.load()
-                        t = OutTensor(t.name, t.shape, t.qtype, load=lambda v=values: v)
+                        t = OutTensor(t.name, t.shape, t.qtype, load=lambda v=values: v, imatrix=t.imatrix)
                     f.put(name, _encode(t, f.path))
                     bar.advance(f.nbytes[name], name=name)
                 del values
@@ -130,22 +188,38 @@ def quantize_many(fts: list[FileType], src: Path, *, outputs: list[Path] | None 
         close()
 
 
-def _freshness(out: Path, src: Path, ft) -> str:
-    """Like make: "fresh" if ``out`` is a GGUF of the asked type newer than every file of its input,
-    "stale" if it is one but older, "foreign" otherwise (never overwritten without --force).
+def _freshness(out: Path, src: Path, ft, imatrix: str | None = None) -> str:
+    """Like make: "fresh" if ``out`` is a GGUF of the asked type newer than every file of its input
+    (and than the imatrix), made with the same ``--imatrix`` argument (or none, as recorded in its
+    ``quantize.imatrix.file``), "stale" if it is one but older or made otherwise, "foreign" otherwise
+    (never overwritten without --force).
     (A hash inside the GGUF would make our files differ from llama-quantize's byte for byte.)"""
     import gguf
 
-    if src.is_dir() and _listed_by_build(out, src):
-        return "fresh"
     try:
-        f = gguf.GGUFReader(out, "r").get_field("general.file_type")
+        reader = gguf.GGUFReader(out, "r")
+        f = reader.get_field("general.file_type")
         if f is None or int(f.contents()) != int(ft.ftype):
             return "foreign"
+        made_with = reader.get_field("quantize.imatrix.file")
+        made_with = None if made_with is None else str(made_with.contents())
         newest = max(p.stat().st_mtime_ns for p in ([src] if src.is_file() else src.iterdir()) if p.is_file())
+        if imatrix is not None:
+            newest = max(newest, Path(imatrix).stat().st_mtime_ns)
     except (OSError, ValueError, KeyError, IndexError):
         return "foreign"
+    if made_with != (None if imatrix is None else imatrix_kvs_file(imatrix)):
+        return "stale"
+    if src.is_dir() and _listed_by_build(out, src):
+        return "fresh"
     return "fresh" if out.stat().st_mtime_ns > newest else "stale"
+
+
+def imatrix_kvs_file(imatrix: str) -> str:
+    """What ``quantize.imatrix.file`` holds for ``--imatrix imatrix`` (the argument, cut to 127 bytes)."""
+    from .imatrix.files import _cut
+
+    return _cut(os.fspath(imatrix))
 
 
 def _listed_by_build(out: Path, src: Path) -> bool:
@@ -244,7 +318,7 @@ def _report(choices: dict[str, Choice], ft: FileType, where: Path) -> None:
         log.warning("%d of %d tensors required fallback quantization", n_fb, len(choices))
 
 
-def _plan_gguf(path: Path, ft: FileType):
+def _plan_gguf(path: Path, ft: FileType, *, imatrix=None, imatrix_arg=None):
     from .convert.gguf_out import OutTensor
 
     reader = _open_reader(path)
@@ -260,7 +334,9 @@ def _plan_gguf(path: Path, ft: FileType):
     hp = hparams_from_kv(arch, get)
     by_name = {t.name: t for t in reader.tensors}
     shapes = {n: tuple(int(x) for x in reversed(t.shape.tolist())) for n, t in by_name.items()}
-    choices = choose_types(ft, [(n, shapes[n], t.tensor_type) for n, t in by_name.items()], hp)
+    choices = choose_types(ft, [(n, shapes[n], t.tensor_type) for n, t in by_name.items()], hp,
+                           has_imatrix=imatrix is not None)
+    check_imatrix_given(ft, choices, imatrix is not None)
     _report(choices, ft, path)
 
     requant = sorted({by_name[n].tensor_type.name for n, c in choices.items()
@@ -284,14 +360,18 @@ def _plan_gguf(path: Path, ft: FileType):
                                      raw=_raw(t, path)))
         else:
             tensors.append(OutTensor(name, shapes[name], c.qtype, load=_loader(t, shapes[name], path)))
+    _with_imatrix(tensors, choices, ft, imatrix, imatrix_arg, path,
+                  kept={n for n, c in choices.items() if c.qtype == by_name[n].tensor_type})
+    kvs = imatrix_kvs(imatrix, imatrix_arg)
 
     def metadata(w: gguf.GGUFWriter) -> None:
         for key, f in fields.items():
-            if key.startswith("GGUF.") or key in _SKIP_KEYS:
+            if key.startswith("GGUF.") or key in _SKIP_KEYS or any(key == k for k, _, _ in kvs):
                 continue
             _copy_field(w, f, path)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_file_type(int(ft.ftype))
+        _add_kvs(w, kvs)
 
     return arch, metadata, tensors, lambda: None
 
@@ -367,7 +447,7 @@ def _copy_field(w: gguf.GGUFWriter, f, path: Path) -> None:
     w.add_key_value(f.name, val, vtype, sub_type=sub)
 
 
-def plan_source(source, folder: Path, ft: FileType):
+def plan_source(source, folder: Path, ft: FileType, *, imatrix=None, imatrix_arg=None):
     from .convert.hf_to_gguf import plan_gguf
     from .tokenizer.hf_vocab import read_hf
 
@@ -383,7 +463,8 @@ def plan_source(source, folder: Path, ft: FileType):
     kv = {k: v.value for k, v in probe.kv_data[0].items()}
     arch = kv.get("general.architecture", "llama")
     hp = hparams_from_kv(arch, kv.get)
-    choices = choose_types(ft, [(t.name, t.shape, t.qtype) for t in planned], hp)
+    choices = choose_types(ft, [(t.name, t.shape, t.qtype) for t in planned], hp, has_imatrix=imatrix is not None)
+    check_imatrix_given(ft, choices, imatrix is not None)
     _report(choices, ft, folder)
 
     by_name = {t.name: t for t in planned}
@@ -391,6 +472,10 @@ def plan_source(source, folder: Path, ft: FileType):
     for name in llama_order(by_name):
         t, c = by_name[name], choices[name]
         tensors.append(type(t)(name, tuple(t.shape), c.qtype, load=_rounded(t.load, t.qtype)))
+    # the planned type is what llama-quantize would read: a tensor kept at it is not re-encoded
+    _with_imatrix(tensors, choices, ft, imatrix, imatrix_arg, folder,
+                  kept={n for n, c in choices.items() if c.qtype == by_name[n].qtype})
+    kvs = imatrix_kvs(imatrix, imatrix_arg)
 
     def metadata(w: gguf.GGUFWriter) -> None:
         base_meta(w)
@@ -399,6 +484,7 @@ def plan_source(source, folder: Path, ft: FileType):
             w.kv_data[0].pop(key, None)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_file_type(int(ft.ftype))
+        _add_kvs(w, kvs)
 
     return arch, metadata, tensors
 

@@ -317,6 +317,8 @@ def test_llama_model_quantize_types_and_order(model, tiny_ggufs, tmp_path):
     stored = gguf_types(src)
     shapes = {t.name: tuple(int(x) for x in reversed(t.shape.tolist())) for t in gguf.GGUFReader(src).tensors}
     for ft in FILE_TYPES.values():
+        if ft.name == "Q2_K_S":  # needs an imatrix: tests/test_imatrix_quantize.py
+            continue
         got = gguf_types(llama_quantize(src, tmp_path / f"{ft.name}.gguf", ft.ftype))
         ours = choose_types(ft, [(n, shapes[n], t) for n, t in stored], hp)
         assert [n for n, _ in got] == list(ours) == llama_order(shapes), ft.name

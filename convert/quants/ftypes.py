@@ -42,6 +42,7 @@ _TABLE = [
     FileType("Q5_0", F.MOSTLY_Q5_0, T.Q5_0),
     FileType("Q5_1", F.MOSTLY_Q5_1, T.Q5_1),
     FileType("Q2_K", F.MOSTLY_Q2_K, T.Q2_K),
+    FileType("Q2_K_S", F.MOSTLY_Q2_K_S, T.Q2_K),
     FileType("Q3_K_S", F.MOSTLY_Q3_K_S, T.Q3_K),
     FileType("Q3_K_M", F.MOSTLY_Q3_K_M, T.Q3_K),
     FileType("Q3_K_L", F.MOSTLY_Q3_K_L, T.Q3_K),
@@ -50,6 +51,8 @@ _TABLE = [
     FileType("Q5_K_S", F.MOSTLY_Q5_K_S, T.Q5_K),
     FileType("Q5_K_M", F.MOSTLY_Q5_K_M, T.Q5_K),
     FileType("Q6_K", F.MOSTLY_Q6_K, T.Q6_K),
+    FileType("IQ4_NL", F.MOSTLY_IQ4_NL, T.IQ4_NL),
+    FileType("IQ4_XS", F.MOSTLY_IQ4_XS, T.IQ4_XS),
 ]
 
 #: canonical name → FileType

@@ -11,9 +11,11 @@ Mirrors src/llama-quant.cpp of the vendored llama.cpp (llama-cpp-python 0.3.36):
 * ``tensor_type_fallback`` — a row length that is not a multiple of the chosen type's block
   (e.g. SmolLM2's 576 for the 256-wide K-quants) demotes to a 32-block type, or to F16.
 
-Only the non-imatrix paths are mirrored (ggmerge has no importance matrix), and only the file types
-in :mod:`.ftypes`; for those every type the rules can produce (Q2_K…Q6_K, Q4_0, Q5_0, Q5_1, Q8_0,
-F16) is one we encode. Every deviation from the file type's default type carries a reason, and
+With an importance matrix (``has_imatrix``, llama.cpp's ``qs.has_imatrix``) three rules change:
+IQ4_NL/IQ4_XS keep the first eighth of ffn_down at their type (without one: Q5_K), and Q4_0/Q5_0
+give it Q4_1/Q5_1. :func:`requires_imatrix` mirrors ``tensor_requires_imatrix``: of the file types
+in :mod:`.ftypes` only Q2_K_S needs one. For those file types every type the rules can produce
+(Q2_K…Q6_K, Q4_0…Q5_1, Q8_0, IQ4_NL, IQ4_XS, F16) is one we encode. Every deviation from the file type's default type carries a reason, and
 fallbacks are flagged so callers can warn about each of them.
 """
 from __future__ import annotations
@@ -153,7 +155,7 @@ class _Counters:
 
 
 def _rule(name: str, cat: str, ncols: int, ft: FileType, hp: Hparams, c: _Counters,
-          tied: bool) -> tuple[T, str | None, bool]:
+          tied: bool, has_imatrix: bool = False) -> tuple[T, str | None, bool]:
     """(type, reason, is_fallback) for one quantizable tensor, before the block-size fallback."""
     f = ft.name
     t = ft.default
@@ -178,11 +180,15 @@ def _rule(name: str, cat: str, ncols: int, ft: FileType, hp: Hparams, c: _Counte
         if f == "Q2_K":
             t = T.Q4_K if hp.n_gqa >= 4 else T.Q3_K
             why = f"{cat} in Q2_K: {t.name} (GQA factor {hp.n_gqa} {'≥' if hp.n_gqa >= 4 else '<'} 4)"
+        elif f == "Q2_K_S" and hp.n_gqa >= 4:
+            t, why = T.Q4_K, f"{cat} in Q2_K_S: Q4_K (GQA factor {hp.n_gqa} ≥ 4)"
         elif f == "Q3_K_M":
             t = T.Q5_K if i < 2 else T.Q4_K
             why = f"{cat} #{i} in Q3_K_M: {t.name} (first two get Q5_K)"
         elif f == "Q3_K_L":
             t, why = T.Q5_K, f"{cat} in Q3_K_L: Q5_K"
+        elif f in ("IQ4_NL", "IQ4_XS") and hp.n_gqa >= 4:
+            t, why = T.Q5_K, f"{cat} in {f}: Q5_K (GQA factor {hp.n_gqa} ≥ 4)"
         elif f in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
             t, why = T.Q6_K, f"{cat} #{i} of {n} is a 'more bits' layer in {f}: Q6_K"
         elif f == "Q4_K_S" and i < 4:
@@ -210,6 +216,9 @@ def _rule(name: str, cat: str, ncols: int, ft: FileType, hp: Hparams, c: _Counte
         why = None
         if f == "Q2_K":
             t, why = T.Q3_K, "ffn_down in Q2_K: Q3_K"
+        elif f == "Q2_K_S":
+            if i < n // 8:
+                t, why = T.Q4_K, f"ffn_down of layer {i} (first eighth) in Q2_K_S: Q4_K"
         elif f == "Q3_K_M":
             if i < n // 16:
                 t, why = T.Q5_K, f"ffn_down of layer {i} (first sixteenth) in Q3_K_M: Q5_K"
@@ -224,16 +233,21 @@ def _rule(name: str, cat: str, ncols: int, ft: FileType, hp: Hparams, c: _Counte
                 why = f"ffn_down of layer {i} in Q4_K_M (falcon): {t.name}" if t != ft.default else None
             elif use_more_bits(i, n):
                 t, why = T.Q6_K, f"ffn_down of layer {i} of {n} is a 'more bits' layer in Q4_K_M: Q6_K"
+        elif i < n // 8 and f in ("IQ4_NL", "IQ4_XS") and not has_imatrix:
+            t, why = T.Q5_K, f"ffn_down of layer {i} (first eighth) in {f} without an imatrix: Q5_K"
         elif f == "Q5_K_M" and use_more_bits(i, n):
             t, why = T.Q6_K, f"ffn_down of layer {i} of {n} is a 'more bits' layer in Q5_K_M: Q6_K"
         elif f == "Q4_K_S" and not falcon and i < n // 8:
             t, why = T.Q5_K, f"ffn_down of layer {i} (first eighth) in Q4_K_S: Q5_K"
+        elif f in ("Q4_0", "Q5_0") and has_imatrix and i < n // 8:
+            t = T.Q4_1 if f == "Q4_0" else T.Q5_1
+            why = f"ffn_down of layer {i} (first eighth) in {f} with an imatrix: {t.name}"
         return t, why, False
 
     if cat == "attn_output":
         if not falcon:
             if hp.n_expert == 8:
-                if f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M"):
+                if f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"):
                     return T.Q5_K, f"attn_output in an 8-expert model ({f}): Q5_K", False
             elif f in ("Q2_K", "Q3_K_M", "Q3_K_L"):
                 t = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}[f]
@@ -244,7 +258,8 @@ def _rule(name: str, cat: str, ncols: int, ft: FileType, hp: Hparams, c: _Counte
 
 
 #: tensor_type_fallback: the 32-block type each 256-block type falls back to
-_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
+             T.IQ4_XS: T.IQ4_NL}
 
 
 def _fallback(ncols: int, t: T) -> tuple[T, str | None]:
@@ -263,12 +278,34 @@ def _fallback(ncols: int, t: T) -> tuple[T, str | None]:
     return out, why + f": falls back to {out.name}"
 
 
+def requires_imatrix(name: str, qtype: T, ft: FileType) -> bool:
+    """tensor_requires_imatrix: a Q2_K tensor of a Q2_K_S file (embedding and output excepted; the
+    IQ1/IQ2/IQ3_XXS types that also need one are not among ours)."""
+    if category(name) in ("token_embd", "output"):
+        return False
+    return qtype == T.Q2_K and ft.name == "Q2_K_S"
+
+
+def check_imatrix_given(ftype: FileType | str, choices: dict[str, Choice], has_imatrix: bool) -> None:
+    """The error llama-quantize raises ("this quantization requires an imatrix!"), at plan time."""
+    ft = parse_ftype(ftype) if isinstance(ftype, str) else ftype
+    if has_imatrix:
+        return
+    for name, ch in choices.items():
+        if ch.quantizable and requires_imatrix(name, ch.qtype, ft):
+            raise GGMergeError(f"{ft.name} needs an importance matrix ({name} would be {ch.qtype.name}): pass "
+                               "--imatrix FILE (from `ggmerge imatrix` or llama-imatrix)", key="type")
+
+
 def choose_types(
     ftype: FileType | str,
     tensors: Iterable[tuple],
     hparams: Hparams,
+    *,
+    has_imatrix: bool = False,
 ) -> dict[str, Choice]:
-    """The type of every tensor in a file of type ``ftype``, as llama-quantize would choose it.
+    """The type of every tensor in a file of type ``ftype``, as llama-quantize would choose it
+    (``has_imatrix``: with ``--imatrix``, which changes a few rules).
 
     ``tensors`` holds ``(name, shape)`` or ``(name, shape, stored_type)`` with GGUF names and
     numpy-order shapes (rows, cols). Tensors that are never quantized keep ``stored_type``
@@ -297,7 +334,7 @@ def choose_types(
             out[name] = Choice(ft.default)
             continue
         ncols = shape[-1]
-        t, why, fell = _rule(name, cats[name], ncols, ft, hparams, counters, tied)
+        t, why, fell = _rule(name, cats[name], ncols, ft, hparams, counters, tied, has_imatrix)
         t2, fwhy = _fallback(ncols, t)
         if fwhy is not None:
             why, fell, t = (f"{why}; then {fwhy}" if why else fwhy), True, t2

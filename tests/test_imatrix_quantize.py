@@ -1,0 +1,166 @@
+"""``ggmerge quantize TYPE --imatrix FILE`` against the real ``llama-quantize --imatrix FILE``.
+
+Whole files must be byte-identical (tensor bytes, the mixture's has_imatrix rules, the
+``quantize.imatrix.*`` metadata) for the tiny fixture shapes (256-wide rows; 96-wide rows where
+every K-quant falls back) and for the real SmolLM2-135M (576-wide rows: Q5_0/Q4_0/Q8_0/IQ4_NL
+fallbacks). Two imatrix sources: files written by our writer (llama-quantize must accept them) and
+files llama-imatrix computes on a real text (the Python documentation the standard library ships),
+in its GGUF and legacy .dat formats (we must read both as llama-quantize does).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp")
+import llama_tools  # noqa: E402
+from test_policy import llama_quantize, write_tiny_gguf  # noqa: E402
+from test_quantize_file import ODD, STD, assert_same_file  # noqa: E402
+
+from ggmerge.convert.quants.ftypes import parse_ftype  # noqa: E402
+from ggmerge.errors import GGMergeError  # noqa: E402
+from ggmerge.imatrix.files import load_imatrix, write_imatrix  # noqa: E402
+from ggmerge.quantize import quantize  # noqa: E402
+
+
+def _tool(name: str) -> Path:
+    return llama_tools.tool(name)
+
+
+def run_llama_quantize(src: Path, dst: Path, ftype: str, imatrix: str | None) -> subprocess.CompletedProcess:
+    args = [str(_tool("llama-quantize"))]
+    if imatrix is not None:
+        args += ["--imatrix", imatrix]
+    args += [str(src), str(dst), ftype, "2"]
+    return subprocess.run(args, capture_output=True, text=True)
+
+
+def reference(src: Path, dst: Path, ftype: str, imatrix: str | None) -> Path:
+    r = run_llama_quantize(src, dst, ftype, imatrix)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return dst
+
+
+def calibration_text(path: Path, n_bytes: int = 24_000) -> Path:
+    """Real English prose every Python install ships: the standard library's pydoc topics."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    path.write_text(text[:n_bytes], encoding="utf-8")
+    return path
+
+
+def synthetic_imatrix(src: Path, path: Path, seed: int = 0) -> Path:
+    """An imatrix for every 2-D weight of ``src`` from our writer: skewed sums (a few hot columns),
+    varied counts, one entry with a zero count (llama-quantize then uses weights of 1)."""
+    rng = np.random.default_rng(seed)
+    entries = {}
+    for i, t in enumerate(gguf.GGUFReader(src).tensors):
+        if len(t.shape) < 2 or t.name.startswith(("token_embd", "output.")):
+            continue
+        n = int(t.shape[0])
+        sums = (rng.standard_normal(n) ** 2 * 40).astype(np.float32)
+        sums[rng.integers(0, n, 3)] *= 300
+        entries[t.name] = (sums, 0 if i == 7 else int(rng.integers(50, 5000)))
+    return write_imatrix(path, entries, datasets=["synthetic.txt"], chunk_count=3, chunk_size=128)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imq")
+    out = {}
+    for key, spec, seed in (("std", STD, 1), ("odd", ODD, 2)):
+        src = write_tiny_gguf(d / f"{key}.F16.gguf", seed=seed, **spec)
+        out[key] = (src, synthetic_imatrix(src, d / f"{key}.imatrix.gguf", seed))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["std", "odd"])
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q3_K_M", "Q2_K", "Q6_K", "IQ4_XS", "IQ4_NL", "Q5_K_S", "Q4_0",
+                                   "Q5_0", "Q2_K_S"])
+def test_tiny_same_file_as_llama_quantize_imatrix(tiny, model, ftype, tmp_path):
+    src, im = tiny[model]
+    ref = reference(src, tmp_path / "ref.gguf", ftype, str(im))
+    ours = quantize(ftype, str(src), str(tmp_path / "ours.gguf"), imatrix=str(im))
+    assert_same_file(ours, ref)
+    fields = gguf.GGUFReader(ours).fields
+    assert fields["quantize.imatrix.file"].contents() == str(im)
+    assert fields["quantize.imatrix.dataset"].contents() == "synthetic.txt"
+    assert fields["quantize.imatrix.chunks_count"].contents() == 3
+
+
+def test_q2_k_s_needs_an_imatrix(tiny, tmp_path):
+    src, _ = tiny["std"]
+    with pytest.raises(GGMergeError, match=r"Q2_K_S needs an importance matrix.*--imatrix"):
+        quantize("Q2_K_S", str(src), str(tmp_path / "x.gguf"))
+    assert not (tmp_path / "x.gguf").exists()
+    r = run_llama_quantize(src, tmp_path / "ref.gguf", "Q2_K_S", None)
+    assert r.returncode != 0 and "requires an imatrix" in (r.stdout + r.stderr)
+
+
+def test_imatrix_for_another_model_is_refused_like_llama_quantize(tiny, tmp_path):
+    """An entry whose size does not fit the tensor: llama-quantize aborts; we refuse at plan time."""
+    (src, _), (_, other) = tiny["std"], tiny["odd"]
+    with pytest.raises(GGMergeError, match="imatrix has 96 values.*needs 256"):
+        quantize("Q4_K_M", str(src), str(tmp_path / "x.gguf"), imatrix=str(other))
+    assert not (tmp_path / "x.gguf").exists()
+    assert run_llama_quantize(src, tmp_path / "ref.gguf", "Q4_K_M", str(other)).returncode != 0
+
+
+# --- the real SmolLM2-135M and real llama-imatrix files ------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M dequantized to F16 by llama.cpp, and llama-imatrix's files for it (GGUF and .dat)
+    computed on 4 chunks of 256 tokens of real text."""
+    from models import smollm2_path
+
+    d = tmp_path_factory.mktemp("smollm2im")
+    f16 = llama_quantize(smollm2_path(), d / "SmolLM2.F16.gguf", gguf.LlamaFileType.MOSTLY_F16, nthread=2)
+    text = calibration_text(d / "pydoc-topics.txt")
+    files = {}
+    for fmt, name in (("gguf", "imatrix.gguf"), ("dat", "imatrix.dat")):
+        r = subprocess.run([str(_tool("llama-imatrix")), "-m", str(f16), "-f", str(text), "-o", str(d / name),
+                            "-c", "256", "--chunks", "4", "-t", "2", "--output-format", fmt,
+                            *llama_tools.EVAL_FLAGS], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        files[fmt] = d / name
+    return f16, files
+
+
+@pytest.mark.slow
+def test_reads_llama_imatrix_files(smollm2, tmp_path):
+    _, files = smollm2
+    g, dat = load_imatrix(files["gguf"]), load_imatrix(files["dat"])
+    assert not g.is_legacy and dat.is_legacy
+    assert g.chunk_count == 4 and g.chunk_size == 256 and g.datasets[0].endswith("pydoc-topics.txt")
+    assert set(g.weights) == set(dat.weights)
+    assert "blk.0.attn_q.weight" in g.weights and "blk.29.ffn_down.weight" in g.weights
+    assert g.weights["blk.0.ffn_down.weight"].shape == (1536,)
+    for name, w in g.weights.items():  # the same means, up to the .dat format's float rounding
+        np.testing.assert_allclose(dat.weights[name], w, rtol=1e-5, err_msg=name)
+    # our writer, fed what llama-imatrix wrote, writes its file byte for byte
+    e = {n: (x.sums, x.counts) for n, x in g.entries.items()}
+    ours = write_imatrix(tmp_path / "again.gguf", e, datasets=g.datasets, chunk_count=g.chunk_count,
+                         chunk_size=g.chunk_size)
+    assert ours.read_bytes() == files["gguf"].read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q3_K_M", "Q2_K", "Q6_K", "IQ4_XS"])
+def test_real_smollm2_same_file_as_llama_quantize_imatrix(smollm2, ftype, tmp_path):
+    f16, files = smollm2
+    fmt = "dat" if ftype == "Q3_K_M" else "gguf"  # one type through the legacy format
+    ref = reference(f16, tmp_path / "ref.gguf", ftype, str(files[fmt]))
+    ours = quantize(ftype, str(f16), str(tmp_path / "ours.gguf"), imatrix=str(files[fmt]))
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(ours).tensors}
+    fallback = {"Q4_K_M": "Q5_0", "Q3_K_M": "Q4_0", "Q2_K": "Q4_0", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}[ftype]
+    assert types["blk.3.attn_q.weight"] == fallback  # 576 columns: the block-32 fallback, weighted too
+    assert_same_file(ours, ref)
+    os.unlink(ref)
