@@ -228,9 +228,10 @@ def _to_gguf(outputs, job, blocks):
     outputs.write(outputs.encode(job.name, whole))
 
 
-def _gguf_state(record: dict, out: Path, types) -> list:
+def _gguf_state(record: dict, out: Path, types, imatrix: str | None = None) -> list:
     """The asked GGUF types whose file the build record lists as written by that build and that are still
-    there unchanged (size and mtime): the others must be (re)made."""
+    there unchanged (size and mtime), made with the same ``--imatrix`` (and after it changed last): the
+    others must be (re)made."""
     from .gguf_outputs import gguf_path
 
     listed = record.get("gguf") or {}
@@ -241,6 +242,9 @@ def _gguf_state(record: dict, out: Path, types) -> list:
         try:
             st = path.stat()
             fresh = entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+            fresh = fresh and entry.get("imatrix") == imatrix
+            if fresh and imatrix is not None:
+                fresh = Path(imatrix).stat().st_mtime_ns < st.st_mtime_ns
         except OSError:
             fresh = False
         if not fresh:
@@ -248,23 +252,27 @@ def _gguf_state(record: dict, out: Path, types) -> list:
     return missing
 
 
-def _gguf_entries(out: Path, hashes: dict[str, str]) -> dict[str, dict]:
+def _gguf_entries(out: Path, hashes: dict[str, str], imatrix: str | None = None) -> dict[str, dict]:
     entries = {}
     for name, sha in hashes.items():
         st = (out.parent / name).stat()
         entries[name] = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if imatrix is not None:
+            entries[name]["imatrix"] = imatrix
     return entries
 
 
 def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: bool = False,
           force: bool = False, offline: bool = True, threads: int | None = None,
-          hash_inputs: bool = False, strict: bool = False, gguf=None, no_hf: bool = False) -> Path | None:
+          hash_inputs: bool = False, strict: bool = False, gguf=None, no_hf: bool = False,
+          imatrix: str | None = None) -> Path | None:
     """Run ``recipe`` and write the merged HF model and the asked GGUF files, all from one pass;
     returns the output folder (None for a dry run).
 
     ``gguf``: llama.cpp file types to write beside the HF folder (``"q4_k_m,q6_k"`` or a list; the
     recipe's ``ggmerge.gguf`` adds to it), each byte-identical to ``ggmerge quantize TYPE`` of the HF
-    output; ``no_hf``: write only the GGUF files. ``threads``: tensors evaluated at once (default:
+    output; ``no_hf``: write only the GGUF files; ``imatrix``: an importance-matrix file for those
+    (as ``ggmerge quantize TYPE --imatrix FILE``). ``threads``: tensors evaluated at once (default:
     every core this process may use); ``hash_inputs``: record full SHA-256s of input files not in the
     HF cache (default: sampled fingerprints, see :mod:`ggmerge.fingerprint`)."""
     from .writers.card import model_card
@@ -285,6 +293,15 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
         if no_hf and not types:
             raise GGMergeError("--no-hf writes only GGUF files: name them with --gguf TYPE[,TYPE…]",
                                key="gguf")
+        im = None
+        if imatrix is not None:
+            if not types:
+                raise GGMergeError("--imatrix weights the GGUF quants: name them with --gguf TYPE[,TYPE…]",
+                                   key="imatrix")
+            from .quantize import load_imatrix_arg
+
+            im = load_imatrix_arg(imatrix)
+            imatrix = os.fspath(imatrix)
         if dry_run:
             from .report import print_plan
             print_plan(describe(p, threads), out)
@@ -305,7 +322,7 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
             except ValueError:
                 prev = {}
             if prev.get("recipe_sha256") == p.recipe.sha256 and prev.get("inputs_sha256") == inputs_hash:
-                missing = _gguf_state(prev, out, types)
+                missing = _gguf_state(prev, out, types, imatrix if im is not None else None)
                 if not missing:
                     log.info("%s is up to date (same recipe and inputs); use --force to rebuild", out)
                     return out
@@ -313,9 +330,10 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
                 from .quantize import quantize_many
 
                 log.info("%s is up to date; adding %s", out, ", ".join(ft.name for ft in missing))
-                made = quantize_many(missing, out)
+                made = quantize_many(missing, out, imatrix=im, imatrix_arg=imatrix)
                 prev.setdefault("gguf", {}).update(_gguf_entries(out, {m.name: sha256_file(m, cache={})
-                                                                      for m in made}))
+                                                                      for m in made},
+                                                                 imatrix if im is not None else None))
                 from .atomic import atomic_path
 
                 with atomic_path(record) as tmp:
@@ -335,7 +353,7 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
         outputs = None
         if types:
             outputs = GGUFOutputs(types, out, {j.name: tuple(j.shape) for j in jobs}, hf_config(info.config, dtype),
-                                  vocab)
+                                  vocab, imatrix=im, imatrix_arg=imatrix)
         writer = None if no_hf else HFWriter(out, max_shard_bytes=p.recipe.shard_size, dtype=dtype, metadata=meta,
                                              layout=[(j.name, tuple(j.shape)) for j in jobs])
         try:
@@ -356,7 +374,7 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
             ggufs = outputs.finish() if outputs is not None else {}
             if writer is None:
                 return out
-            gguf_entries = _gguf_entries(out, ggufs)
+            gguf_entries = _gguf_entries(out, ggufs, imatrix if im is not None else None)
 
             def card_and_record(tmp: Path) -> dict[str, str]:
                 # both carry the hashes of the finished shards, and are written inside the temporary

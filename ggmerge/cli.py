@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also write these GGUF files from the same pass, e.g. q4_k_m,q6_k,q8_0 (each the same "
                         "bytes as `ggmerge quantize TYPE` of the HF output); adds to the recipe's ggmerge.gguf")
     b.add_argument("--no-hf", action="store_true", help="write only the GGUF files, not the HF folder")
+    b.add_argument("--imatrix", metavar="FILE",
+                   help="importance matrix for the --gguf quants (as `ggmerge quantize TYPE --imatrix FILE`)")
     b.add_argument("--hash-inputs", action="store_true",
                    help="record full SHA-256s of input files (default: sampled fingerprints; files in "
                         "the HF cache always have their real SHA-256 for free)")

@@ -93,7 +93,7 @@ class GGUFOutputs:
     """One GGUF file per asked type, fed by the build pass; see the module docstring."""
 
     def __init__(self, types: list[FileType], hf_folder: Path, shapes: dict[str, tuple[int, ...]],
-                 config: dict, vocab) -> None:
+                 config: dict, vocab, *, imatrix=None, imatrix_arg: str | None = None) -> None:
         from .quantize import plan_source
         from .tokenizer.hf_files import write_hf
 
@@ -110,7 +110,8 @@ class GGUFOutputs:
             self.source = _Merged(shapes, config, self._scratch, self.hf_folder)
             gguf_of = {llama.hf_to_gguf(n): n for n in shapes}
             for ft in types:
-                arch, metadata, tensors = plan_source(self.source, self.hf_folder, ft)
+                arch, metadata, tensors = plan_source(self.source, self.hf_folder, ft, imatrix=imatrix,
+                                                      imatrix_arg=imatrix_arg)
                 f = GGUFFile(gguf_path(self.hf_folder, ft), arch, metadata, tensors)
                 self.files.append(f)
                 for t in tensors:
@@ -140,12 +141,17 @@ class GGUFOutputs:
     def rows_streamable(self, name: str) -> bool:
         """Whether ``name`` can go out a block of rows at a time: stored unpermuted, row for row."""
         permuted = any(name.endswith(suffix) for suffix in llama.PERMUTED)
-        return not permuted and all(tuple(ot.shape) == self.source.shape(name) for _, ot in self._by_hf.get(name, []))
+        # per-expert importance weights follow the expert index, not a block of rows
+        experts = any(ot.imatrix is not None and ot.imatrix.ndim == 2 and ot.imatrix.shape[0] > 1
+                      for _, ot in self._by_hf.get(name, []))
+        return not permuted and not experts and all(tuple(ot.shape) == self.source.shape(name)
+                                                    for _, ot in self._by_hf.get(name, []))
 
     def put_rows(self, name: str, r0: int, rows: torch.Tensor, last: bool) -> None:
         """Rows ``r0…`` of a streamed output tensor, encoded per file (rows are quantized independently)."""
         for f, ot in self._by_hf.get(name, []):
-            part = OutTensor(ot.name, tuple(rows.shape), ot.qtype, load=lambda: rows.float().numpy())
+            part = OutTensor(ot.name, tuple(rows.shape), ot.qtype, load=lambda: rows.float().numpy(),
+                             imatrix=ot.imatrix)
             f.put_rows(ot.name, r0, _encode(part, f.path), last)
 
     # -- the files ------------------------------------------------------------------------------

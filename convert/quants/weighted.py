@@ -366,12 +366,13 @@ def _q45_k_w(x, out, qw, nmax):
         d = fp16_store(ob, 0, d_block)
         dmin = fp16_store(ob, 2, m_block)
         for j in range(8):
+            # get_scale_min_k4 (in int64: numba would unify uint8 and int64 branches to float64)
             if j < 4:
-                sc = q[j] & 63
-                m = q[j + 4] & 63
+                sc = np.int64(q[j]) & 63
+                m = np.int64(q[j + 4]) & 63
             else:
-                sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4)
-                m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4)
+                sc = (np.int64(q[j + 4]) & 0xF) | ((np.int64(q[j - 4]) >> 6) << 4)
+                m = (np.int64(q[j + 4]) >> 4) | ((np.int64(q[j]) >> 6) << 4)
             dj = d * F32(sc)
             if dj == 0:
                 continue
