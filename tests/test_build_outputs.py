@@ -136,3 +136,28 @@ def test_quantize_cli_takes_several_types_and_an_input(lineage, tmp_path):
         assert made.read_bytes() == quantize(t, str(out), str(tmp_path / f"one.{t}.gguf")).read_bytes()
     r = subprocess.run(cli + ["q4_k_m", "q8_1"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode != 0 and "unknown quantization type 'q8_1'" in r.stderr
+
+
+def test_build_imatrix_gguf_equals_quantize_with_the_same_imatrix(lineage, tmp_path, monkeypatch):
+    """`build --gguf T --imatrix F` == `quantize T <hf output> --imatrix F` byte for byte (rows streamed
+    block by block keep their columns' weights); a later run without the imatrix remakes the file."""
+    from test_imatrix_quantize import synthetic_imatrix
+
+    monkeypatch.setattr(evaluator, "CHUNK_ELEMS", 1000)
+    monkeypatch.setattr(build_mod, "STREAM_ELEMS", 4000)
+    out = tmp_path / "m"
+    build(str(lineage / "ggmerge.yaml"), str(out), threads=1)
+    im = synthetic_imatrix(quantize("f16", str(out), str(tmp_path / "shapes.F16.gguf")), tmp_path / "im.gguf")
+    build(str(lineage / "ggmerge.yaml"), str(tmp_path / "w"), gguf="q4_k_m,iq4_xs", imatrix=str(im), threads=2)
+    for t in ("Q4_K_M", "IQ4_XS"):
+        sep = quantize(t, str(tmp_path / "w"), str(tmp_path / f"sep.{t}.gguf"), imatrix=str(im))
+        made = tmp_path / f"w.{t}.gguf"
+        assert made.read_bytes() == sep.read_bytes(), t
+        assert made.read_bytes() != quantize(t, str(tmp_path / "w"), str(tmp_path / f"plain.{t}.gguf")).read_bytes()
+    stamp = (tmp_path / "w.Q4_K_M.gguf").stat().st_mtime_ns
+    build(str(lineage / "ggmerge.yaml"), str(tmp_path / "w"), gguf="q4_k_m", imatrix=str(im))  # current
+    assert (tmp_path / "w.Q4_K_M.gguf").stat().st_mtime_ns == stamp
+    build(str(lineage / "ggmerge.yaml"), str(tmp_path / "w"), gguf="q4_k_m")  # no imatrix now: remade
+    assert (tmp_path / "w.Q4_K_M.gguf").read_bytes() == (tmp_path / "plain.Q4_K_M.gguf").read_bytes()
+    with pytest.raises(GGMergeError, match="--imatrix weights the GGUF quants"):
+        build(str(lineage / "ggmerge.yaml"), str(tmp_path / "w"), imatrix=str(im))
