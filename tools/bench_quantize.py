@@ -8,6 +8,12 @@ outputs are compared byte for byte. The table is printed and written into BENCHM
     python tools/bench_quantize.py            # ~0.5B-parameter Mistral-shaped random model
     python tools/bench_quantize.py --quick    # ~20M parameters, a minute or so
     python tools/bench_quantize.py --input model.F16.gguf
+    python tools/bench_quantize.py --imatrix auto --llama-quantize /path/to/llama-quantize
+
+With ``--imatrix FILE`` (``auto``: one written by ggmerge's writer for the input, with skewed per-column
+sums) both sides use the importance matrix: ``ggmerge quantize TYPE --imatrix FILE`` against the real
+``llama-quantize --imatrix FILE`` binary (the library call cannot record the ``quantize.imatrix.*``
+metadata the tool adds), each in its own subprocess; its table goes to its own block.
 
 The default input is written here with gguf-py, deterministically (values depend only on the size
 and the tensor name), streaming one tensor at a time; it is cached in ``--work``.
@@ -122,7 +128,8 @@ _CHILD = {
         "import json,sys,time,logging\n"
         "logging.basicConfig(level=logging.ERROR)\n"
         "from ggmerge.quantize import quantize\n"
-        "t=time.perf_counter(); quantize(sys.argv[1], sys.argv[2], sys.argv[3], force=True)\n"
+        "im=sys.argv[4] if len(sys.argv)>4 else None\n"
+        "t=time.perf_counter(); quantize(sys.argv[1], sys.argv[2], sys.argv[3], force=True, imatrix=im)\n"
         "print(json.dumps({'inner': time.perf_counter()-t}))\n"),
     "llama.cpp": (
         "import ctypes,json,os,sys,time\n"
@@ -143,25 +150,57 @@ def warm_kernels() -> None:
     from ggmerge.convert.quants.types import TABLE
 
     x = np.linspace(-1, 1, 512, dtype=np.float32)[None, :]
+    w = np.linspace(0.1, 2, 512, dtype=np.float32)
     for qtype in TABLE:
         quantize(x, qtype)
+        quantize(x, qtype, imatrix=w)
 
 
-def run_child(tool: str, qtype: str, src: Path, dst: Path, threads: int) -> dict:
+def synthetic_imatrix(src: Path, path: Path) -> Path:
+    """An imatrix for every 2-D weight of ``src`` (skewed column sums, a few hot columns), written by
+    ggmerge's writer in llama.cpp's format; deterministic."""
+    import gguf
+
+    from ggmerge.imatrix.files import write_imatrix
+
+    if path.is_file() and path.stat().st_mtime_ns > src.stat().st_mtime_ns:
+        return path
+    entries = {}
+    for t in gguf.GGUFReader(src).tensors:
+        if len(t.shape) < 2 or t.name.startswith(("token_embd", "output.")):
+            continue
+        rng = np.random.default_rng(zlib.crc32(t.name.encode()))
+        n = int(t.shape[0])
+        sums = (rng.standard_normal(n) ** 2 * 40).astype(np.float32)
+        sums[rng.integers(0, n, 4)] *= 300
+        entries[t.name] = (sums, 4096)
+    return write_imatrix(path, entries, datasets=["synthetic"], chunk_count=8, chunk_size=512)
+
+
+def run_child(tool: str, qtype: str, src: Path, dst: Path, threads: int, imatrix: Path | None = None,
+              exe: Path | None = None) -> dict:
     env = dict(os.environ, BENCH_THREADS=str(threads), GGMERGE_PROGRESS="0")
     log = dst.with_suffix(".log")
+    if tool == "llama-quantize":
+        argv = [str(exe), "--imatrix", str(imatrix), str(src), str(dst), qtype, str(threads)]
+    else:
+        argv = [sys.executable, "-c", _CHILD[tool], qtype, str(src), str(dst)]
+        if imatrix is not None:
+            argv.append(str(imatrix))
     t0 = time.perf_counter()
     with open(log, "wb") as fo:
         # output to a file, not a pipe: the child is reaped by os.wait4 (its own rusage), not by Popen
-        p = subprocess.Popen([sys.executable, "-c", _CHILD[tool], qtype, str(src), str(dst)],
-                             stdout=fo, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        p = subprocess.Popen(argv, stdout=fo, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         _, status, ru = os.wait4(p.pid, 0)
         p.returncode = status
     wall = time.perf_counter() - t0
     out = log.read_text(errors="replace")
     if status != 0:
         sys.exit(f"{tool} {qtype} failed:\n{out[-3000:]}")
-    inner = json.loads([ln for ln in out.splitlines() if ln.startswith('{"inner"')][-1])["inner"]
+    if tool == "llama-quantize":  # "main: quantize time = 1234.56 ms"
+        inner = float(next(ln for ln in out.splitlines() if "quantize time" in ln).split("=")[1].split()[0]) / 1e3
+    else:
+        inner = json.loads([ln for ln in out.splitlines() if ln.startswith('{"inner"')][-1])["inner"]
     return {"wall": wall, "inner": inner, "cpu": ru.ru_utime + ru.ru_stime,
             "rss_mb": ru.ru_maxrss / 1024, "bytes": dst.stat().st_size}
 
@@ -219,6 +258,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp nthread")
     ap.add_argument("--work", type=Path, default=Path("/tmp/ggmerge-bench/quantize"))
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    ap.add_argument("--imatrix", help="an imatrix file for both tools, or 'auto' (written for the input)")
+    ap.add_argument("--llama-quantize", type=Path, help="the llama-quantize binary (needed with --imatrix; "
+                    "default: tests/llama_tools.py's cached build)")
     args = ap.parse_args(argv)
 
     size = "quick" if args.quick else "default"
@@ -232,42 +274,63 @@ def main(argv=None) -> None:
                 f"vocab {s.vocab})")
     print(f"input: {src} ({src.stat().st_size / 1e6:.0f} MB)", flush=True)
 
+    imatrix = exe = None
+    tools = ("llama.cpp", "ggmerge")
+    if args.imatrix:
+        imatrix = (synthetic_imatrix(src, args.work / f"{src.stem}.imatrix.gguf") if args.imatrix == "auto"
+                   else Path(args.imatrix))
+        exe = args.llama_quantize
+        if exe is None:
+            sys.path.insert(0, str(ROOT / "tests"))
+            import llama_tools
+            exe = llama_tools.tool("llama-quantize")
+        tools = ("llama-quantize", "ggmerge")
+        print(f"imatrix: {imatrix}; llama-quantize: {exe}", flush=True)
     warm_kernels()
     load_before = os.getloadavg()[0]
     rows = []
     for qtype in args.types.split(","):
         outs = {}
-        for tool in ("llama.cpp", "ggmerge"):
+        for tool in tools:
             res = []
             for r in range(args.runs):
                 dst = args.work / f"{tool.replace('.', '')}.{qtype}.gguf"
-                res.append(run_child(tool, qtype, src, dst, args.threads))
+                res.append(run_child(tool, qtype, src, dst, args.threads, imatrix, exe))
                 print(f"  {qtype} {tool} run {r + 1}: {res[-1]['wall']:.1f} s wall, "
                       f"{res[-1]['cpu']:.1f} s CPU, {res[-1]['rss_mb']:.0f} MB", flush=True)
             outs[tool] = dst
             rows.append([qtype, tool, *(statistics.median(x[k] for x in res)
                                         for k in ("wall", "inner", "cpu", "rss_mb")), res[-1]["bytes"]])
-        ident = compare(outs["ggmerge"], outs["llama.cpp"])
+        ident = compare(outs["ggmerge"], outs[tools[0]])
         rows[-1].append(ident)
         rows[-2].append(ident)
 
     cmd = "python tools/bench_quantize.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
     lines = [("| type | tool | wall s (median) | of which quantizing s | CPU s | peak RSS MB | output bytes "
-              "| byte-identical |"), "|---|---|---|---|---|---|---|---|"]
+              "| byte-identical | wall / llama.cpp's |"), "|---|---|---|---|---|---|---|---|---|"]
+    ref_wall = {}
     for q, tool, wall, inner, cpu, rss, nb, ident in rows:
-        lines.append(f"| {q} | {tool} | {wall:.2f} | {inner:.2f} | {cpu:.2f} | {rss:.0f} | {nb:,} | {ident} |")
+        ref_wall.setdefault(q, wall)
+        lines.append(f"| {q} | {tool} | {wall:.2f} | {inner:.2f} | {cpu:.2f} | {rss:.0f} | {nb:,} | {ident} "
+                     f"| {wall / ref_wall[q]:.2f} |")
     table = "\n".join(lines)
     print("\n" + table)
     import llama_cpp
     import numba
     title = f"size `{size}`" if not args.input else f"`{args.input.name}`"
+    if imatrix is not None:
+        title += ", with an imatrix"
+    ref_tool = (f"the `llama-quantize` binary built from the same llama.cpp source, `--imatrix` "
+                f"{'(written by ggmerge for this input: skewed column sums)' if args.imatrix == 'auto' else imatrix.name}"
+                f", {args.threads} threads" if imatrix is not None else
+                f"`llama_model_quantize` from llama-cpp-python {llama_cpp.__version__}, nthread={args.threads}, "
+                f"no imatrix")
     body = (
         f"### Whole file, {title}\n\nCommand: `{cmd}` (from the repository root)\n\n"
         f"Input: {what}. Each figure is the median of {args.runs} runs, each in a fresh subprocess "
         f"(wall and CPU include interpreter start-up and imports; \"of which quantizing\" is the call "
         f"alone; peak RSS is the child's maximum resident set, which counts the pages of the "
-        f"memory-mapped input a tool has read). llama.cpp: `llama_model_quantize` from "
-        f"llama-cpp-python {llama_cpp.__version__}, nthread={args.threads}, no imatrix. ggmerge's kernels "
+        f"memory-mapped input a tool has read). llama.cpp: {ref_tool}. ggmerge's kernels "
         f"(numba {numba.__version__}) were compiled beforehand into numba's on-disk cache, as after "
         f"any first run; loading numba and the cached kernels still costs each run about half a "
         f"second and ~120 MB of RSS (LLVM, ~45 MB of it anonymous).\n\n"
@@ -277,7 +340,8 @@ def main(argv=None) -> None:
         f"{os.getloadavg()[0]:.1f} after (other work on the machine inflates wall times; CPU "
         f"times are the steadier figure).\n\n{table}\n")
     if not args.no_write:
-        write_section(ROOT / "BENCHMARKS.md", size if not args.input else "input", body)
+        key = (size if not args.input else "input") + ("-imatrix" if imatrix is not None else "")
+        write_section(ROOT / "BENCHMARKS.md", key, body)
         print(f"\nwrote the Quantize section of {ROOT / 'BENCHMARKS.md'}")
 
 
