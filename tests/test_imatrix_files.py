@@ -143,3 +143,33 @@ def test_write_refuses_and_leaves_nothing(tmp_path):
         write_imatrix(p, {"a.weight": (np.ones(10, np.float32), [1, 2, 3])}, datasets=[], chunk_count=1,
                       chunk_size=8)
     assert not p.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "dat"])
+def test_fuzzed_files_give_one_clear_error_or_a_valid_imatrix(tmp_path, fmt):
+    """Truncations and byte flips anywhere: a GGMergeError or a readable file, never another exception
+    (and no allocation the file cannot back: lengths are checked before reading)."""
+    rng = np.random.default_rng(3)
+    good = tmp_path / "good"
+    if fmt == "gguf":
+        write_imatrix(good, _entries(rng), datasets=["t.txt"], chunk_count=2, chunk_size=64)
+    else:
+        good.write_bytes(_legacy({"a.weight": (3, np.ones(40, np.float32)), "b.weight": (1, np.ones(8, np.float32))}))
+    data = good.read_bytes()
+    p = tmp_path / "fuzzed"
+    for i in range(300):
+        b = bytearray(data)
+        if i % 3 == 0:
+            b = b[:int(rng.integers(0, len(b)))]
+        else:
+            for _ in range(int(rng.integers(1, 4))):
+                at = int(rng.integers(0, len(b)))
+                b[at] = int(rng.integers(0, 256))
+        p.write_bytes(bytes(b))
+        try:
+            im = load_imatrix(p)
+        except GGMergeError as exc:
+            assert "\n" not in str(exc)
+            continue
+        for w in im.weights.values():
+            assert w.dtype == np.float32 and np.isfinite(w).all()

@@ -51,6 +51,9 @@ _KV_OVERRIDE_STR_BYTES = 127
 #: MoE models up to a few hundred experts; this bounds a legacy entry claiming billions of floats.
 MAX_IMATRIX_VALUES = 1 << 28
 
+#: activation rows one weight can have seen: far above any real calibration run (10^12 tokens)
+#: and still exact in int64 after lround
+MAX_COUNT = 1e15
 _ALIGN = 32  # GGUF_DEFAULT_ALIGNMENT: llama-imatrix sets no general.alignment
 
 
@@ -215,8 +218,9 @@ def _read_gguf(path: Path) -> Imatrix:
         if c.size == 0 or s.size % c.size:
             raise GGMergeError(f"{s.size} sums do not split into {c.size} expert(s)", path=path,
                                tensor=base + SUFFIX_SUMS)
-        if not np.isfinite(c).all() or (c < 0).any():
-            raise GGMergeError("counts must be finite and non-negative", path=path, tensor=base + SUFFIX_COUNTS)
+        if not np.isfinite(c).all() or (c < 0).any() or (c > MAX_COUNT).any():
+            raise GGMergeError(f"counts must be finite, non-negative and below {MAX_COUNT:.0e}", path=path,
+                               tensor=base + SUFFIX_COUNTS)
         # common_imatrix_load: std::lround (half away from zero)
         ci = np.floor(c.astype(np.float64) + 0.5).astype(np.int64)
         entries[base] = ImatrixEntry(sums=s.copy(), counts=ci)
