@@ -192,3 +192,26 @@ def test_real_smollm2_same_file_as_llama_quantize_imatrix(smollm2, ftype, tmp_pa
     assert types["blk.3.attn_q.weight"] == fallback  # 576 columns: the block-32 fallback, weighted too
     assert_same_file(ours, ref)
     os.unlink(ref)
+
+
+def test_cli(tiny, tmp_path):
+    """`ggmerge quantize TYPE INPUT --imatrix FILE`; its errors are one line with a non-zero exit."""
+    import sys
+
+    src, im = tiny["std"]
+    env = dict(os.environ, GGMERGE_PROGRESS="0")
+    cli = [sys.executable, "-m", "ggmerge.cli", "quantize"]
+    r = subprocess.run(cli + ["iq4_xs", str(src), "-o", str(tmp_path / "a.gguf"), "--imatrix", str(im)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    lib = quantize("IQ4_XS", str(src), str(tmp_path / "b.gguf"), imatrix=str(im))
+    assert (tmp_path / "a.gguf").read_bytes() == lib.read_bytes()
+    for args, msg in ((["q2_k_s", str(src), "-o", str(tmp_path / "c.gguf")], "Q2_K_S needs an importance matrix"),
+                      (["q4_k_m", str(src), "-o", str(tmp_path / "d.gguf"), "--imatrix", str(tmp_path / "nope")],
+                       "no such imatrix file"),
+                      (["q4_k_m", str(src), "-o", str(tmp_path / "e.gguf"), "--imatrix", str(src)],
+                       "not an imatrix file")):
+        r = subprocess.run(cli + args, capture_output=True, text=True, env=env)
+        errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
+        assert r.returncode != 0 and msg in r.stderr and len(errors) == 1, r.stderr
+    assert not list(tmp_path.glob("[cde].gguf*"))
