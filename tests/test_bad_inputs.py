@@ -318,8 +318,8 @@ def case_strict_reports_every_ignored_key(env):
 
 @case
 def case_mergekit_method_not_supported_yet(env):
-    return env.build(DARE.replace("dare_ties", "sce"),
-                     message="merge_method 'sce' is a mergekit method ggmerge does not support yet (ggmerge "
+    return env.build(DARE.replace("dare_ties", "multislerp"),
+                     message="merge_method 'multislerp' is a mergekit method ggmerge does not support yet (ggmerge "
                              "supports: linear, task_arithmetic,", names=("ggmerge.yaml:1", "key 'merge_method'"))
 
 

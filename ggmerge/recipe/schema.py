@@ -42,7 +42,7 @@ SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
 TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
 GGMERGE_KEYS = {"name", "seed", "shard_size", "keep_stages", "miniature", "gguf"}
 #: merge methods mergekit 0.1.5 has and ggmerge does not (yet): refused with a message saying so
-MERGEKIT_ONLY_METHODS = {"sce", "karcher", "arcee_fusion", "multislerp", "nearswap", "ram", "ramplus_tl"}
+MERGEKIT_ONLY_METHODS = {"multislerp", "nearswap", "ram", "ramplus_tl"}
 
 #: parameters with a known valid range: name → (low, high, low_inclusive)
 RANGES = {
