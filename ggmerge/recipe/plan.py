@@ -159,6 +159,7 @@ def _input_dtype(st: Stage, inputs: Inputs) -> torch.dtype:
 def _source_dtype(src) -> torch.dtype | None:
     from ..sources.safetensors import SafetensorsSource
 
+    src = getattr(src, "inner", src)  # model+lora: the model's dtype (PEFT merges in it)
     if not isinstance(src, SafetensorsSource):
         return None
     counts: dict[torch.dtype, int] = {}

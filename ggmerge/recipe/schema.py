@@ -318,17 +318,25 @@ def _check_keys(node: dict, allowed: set, ctx: _Ctx, where: str, *, lenient: boo
 
 
 def _ref(value, ctx: _Ctx, node, key) -> str:
+    """A model reference as one string: a path, Hub id (``org/name@rev``), stage name, or mergekit's
+    ``MODEL+LORA`` (also in its expanded form ``{model: {path, revision}, lora: {path, revision}}``)."""
+    def flat(v):
+        if isinstance(v, dict) and "path" in v:
+            rev = v.get("revision")
+            return f"{v['path']}@{rev}" if rev else v["path"]
+        return v
+
+    lora = None
     if isinstance(value, dict) and "model" in value and isinstance(value["model"], (str, dict)):
-        value = value["model"]  # mergekit's expanded ModelReference {model: {path: ...}}
-    if isinstance(value, dict) and "path" in value:
-        if value.get("lora"):
-            raise ctx.err("LoRA model references are not supported", node, key)
-        rev = value.get("revision")
-        value = value["path"] + (f"@{rev}" if rev else "")
+        lora = flat(value.get("lora"))  # mergekit's expanded ModelReference
+        value = value["model"]
+    value = flat(value)
+    if isinstance(value, str) and isinstance(lora, str) and lora.strip():
+        value = f"{value}+{lora}"
     if not isinstance(value, str) or not value.strip():
         raise ctx.err(f"expected a model path or Hub id, got {value!r}", node, key)
-    if "+" in value and not Path(value).exists():
-        raise ctx.err(f"'{value}': LoRA references (model+lora) are not supported", node, key)
+    if value.count("+") > 1 and not Path(value).exists():
+        raise ctx.err(f"'{value}': a LoRA reference is 'MODEL+ADAPTER' (one '+')", node, key)
     return value.strip()
 
 
