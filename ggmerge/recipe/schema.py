@@ -53,6 +53,20 @@ RANGES = {
 }
 
 
+@dataclass(frozen=True)
+class TokenOverride:
+    """One entry of mergekit's ``tokenizer.tokens`` (``mergekit.tokenizer.config.TokenEmbeddingConfig``):
+    where the token's embedding row comes from for the models that lack it (every model, with
+    ``force``). ``kind``: "model" (that model's own row of this token), "model_token" (row ``token_id``
+    of ``ref``, or the row of ``token`` in ``ref``'s own vocabulary), "zero", or None (no source: only
+    valid while every model has the token and nothing is forced, as in mergekit)."""
+    kind: str | None
+    ref: str | None = None
+    token_id: int | None = None
+    token: str | None = None
+    force: bool = False
+
+
 @dataclass
 class ModelInput:
     ref: str
@@ -88,6 +102,8 @@ class Stage:
     line: int
     #: ``chat_template: auto``: the plurality template of this stage's inputs (resolved at plan time)
     chat_template_auto: bool = False
+    #: ``tokenizer.tokens``: token string → its embedding-row override (mergekit TokenEmbeddingConfig)
+    token_overrides: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -340,6 +356,44 @@ def _ref(value, ctx: _Ctx, node, key) -> str:
     return value.strip()
 
 
+def _token_overrides(tokens, ctx: _Ctx, node) -> dict:
+    """``tokenizer.tokens`` as mergekit's pydantic models read it: token → {source, force}; a source is
+    a model reference, ``{kind: zero}`` or ``{kind: model_token, model, token_id | token}``."""
+    if not isinstance(tokens, dict):
+        raise ctx.err("'tokens' must be a mapping of token → {source, force}", node, "tokens")
+    out = {}
+    for tok, cfg in tokens.items():
+        cfg = {} if cfg is None else cfg
+        if not isinstance(tok, str) or not isinstance(cfg, dict):
+            raise ctx.err(f"token '{tok}': expected {{source: ..., force: ...}}", tokens, tok)
+        _check_keys(cfg, {"source", "force"}, ctx, f"token '{tok}'")
+        force = cfg.get("force", False)
+        if not isinstance(force, bool):
+            raise ctx.err(f"token '{tok}': 'force' must be true or false, got {force!r}", cfg, "force")
+        src = cfg.get("source")
+        if src is None:
+            out[tok] = TokenOverride(None, force=force)
+        elif isinstance(src, dict) and "kind" in src:
+            kind = src["kind"]
+            if kind == "zero":
+                out[tok] = TokenOverride("zero", force=force)
+            elif kind == "model_token":
+                if "model" not in src:
+                    raise ctx.err(f"token '{tok}': a model_token source needs 'model'", src, "kind")
+                tid, ttok = src.get("token_id"), src.get("token")
+                if (tid is None) == (ttok is None):
+                    raise ctx.err(f"token '{tok}': give exactly one of token_id or token", src, "kind")
+                if tid is not None and (not isinstance(tid, int) or isinstance(tid, bool) or tid < 0):
+                    raise ctx.err(f"token '{tok}': token_id must be a non-negative integer", src, "token_id")
+                out[tok] = TokenOverride("model_token", _ref(src["model"], ctx, src, "model"), tid,
+                                         None if ttok is None else str(ttok), force)
+            else:
+                raise ctx.err(f"token '{tok}': unknown source kind {kind!r} (model_token or zero)", src, "kind")
+        else:
+            out[tok] = TokenOverride("model", _ref(src, ctx, cfg, "source"), force=force)
+    return out
+
+
 def _parse_stage(doc: Node, ctx: _Ctx, is_output: bool) -> Stage:
     _check_keys(doc, DOC_KEYS, ctx, "the recipe")
     if "modules" in doc:
@@ -393,6 +447,7 @@ def _parse_stage(doc: Node, ctx: _Ctx, is_output: bool) -> Stage:
 
     tok_src = None
     pad = None
+    overrides: dict = {}
     if "tokenizer_source" in doc and "tokenizer" in doc:
         raise ctx.err("give either 'tokenizer_source' or 'tokenizer', not both", doc, "tokenizer")
     if doc.get("tokenizer_source") is not None:
@@ -402,8 +457,8 @@ def _parse_stage(doc: Node, ctx: _Ctx, is_output: bool) -> Stage:
         if not isinstance(tk, dict):
             raise ctx.err("'tokenizer' must be a mapping", doc, "tokenizer")
         _check_keys(tk, TOKENIZER_KEYS, ctx, "tokenizer")
-        if tk.get("tokens"):
-            raise ctx.err("per-token embedding overrides ('tokenizer.tokens') are not supported yet", tk, "tokens")
+        if tk.get("tokens") is not None:
+            overrides = _token_overrides(tk["tokens"], ctx, tk)
         tok_src = _ref(tk.get("source", "union"), ctx, tk, "source")
         pad = tk.get("pad_to_multiple_of")
         if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
@@ -415,7 +470,8 @@ def _parse_stage(doc: Node, ctx: _Ctx, is_output: bool) -> Stage:
 
     stage = Stage(name=(name or "").strip(), method=method, base=base, models=models, slices=slices,
                   params=params, dtype=dtype, out_dtype=out_dtype, tokenizer_source=tok_src,
-                  pad_to_multiple_of=pad, chat_template=chat, line=doc.line, chat_template_auto=auto)
+                  pad_to_multiple_of=pad, chat_template=chat, line=doc.line, chat_template_auto=auto,
+                  token_overrides=overrides)
     _check_method_inputs(stage, ctx, doc)
     return stage
 
