@@ -324,9 +324,10 @@ def case_mergekit_method_not_supported_yet(env):
 
 
 @case
-def case_modules_not_supported_yet(env):
+def case_modules_other_than_default(env):
     return env.build("merge_method: linear\nmodules:\n  text: {models: [{model: BASE}]}\n",
-                     message="'modules' (mergekit's multi-module merges) is not supported yet",
+                     message="'modules' names text: the architectures ggmerge merges (and mergekit's "
+                             "Llama-family definitions) have one module, 'default'",
                      names=("ggmerge.yaml:2", "key 'modules'"))
 
 

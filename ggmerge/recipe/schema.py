@@ -356,6 +356,45 @@ def _ref(value, ctx: _Ctx, node, key) -> str:
     return value.strip()
 
 
+def _single_module(doc: Node, ctx: _Ctx) -> Node:
+    """mergekit's ``modules:`` form for a one-module architecture, as the equivalent plain document.
+
+    mergekit describes every Llama-family architecture (Llama, Mistral, Qwen2, …) as ONE module named
+    ``default``; its planner turns ``models:``/``slices:`` into ``modules: {default: …}`` itself
+    (``MergePlanner.normalize_config``), so ``modules: {default: {models|slices, parameters}}`` is the
+    same merge with the module's ``parameters`` between the slice's and the document's in precedence
+    (``ConfigReader.parameter_sources``) — i.e. they override the document's, key by key. Other module
+    names belong to multimodal architectures (a vision tower beside the text model), which ggmerge does
+    not merge; mergekit itself fails on them for a Llama-family model."""
+    mods = doc["modules"]
+    if "models" in doc or "slices" in doc:
+        raise ctx.err("exactly one of 'models', 'slices' or 'modules' must be given", doc, "modules")
+    if not isinstance(mods, dict) or not mods:
+        raise ctx.err("'modules' must be a mapping of module name → {models | slices, parameters}", doc, "modules")
+    names = list(mods)
+    if names != ["default"]:
+        raise ctx.err(f"'modules' names {', '.join(map(str, names))}: the architectures ggmerge merges (and "
+                      "mergekit's Llama-family definitions) have one module, 'default'; multi-module merges "
+                      "(multimodal models) are not supported", doc, "modules")
+    mod = mods["default"]
+    if not isinstance(mod, dict):
+        raise ctx.err("module 'default' must be a mapping", mods, "default")
+    _check_keys(mod, {"models", "slices", "parameters"}, ctx, "module 'default'")
+    flat = Node({k: v for k, v in doc.items() if k != "modules"})
+    flat.line, flat.key_lines = doc.line, dict(doc.key_lines)
+    for key in ("models", "slices"):
+        if key in mod:
+            flat[key] = mod[key]
+            flat.key_lines[key] = mod.line_of(key) if isinstance(mod, Node) else doc.line
+    if mod.get("parameters"):
+        merged = Node({**(doc.get("parameters") or {}), **mod["parameters"]})
+        src = mod["parameters"]
+        merged.line = getattr(src, "line", doc.line)
+        merged.key_lines = {**getattr(doc.get("parameters"), "key_lines", {}), **getattr(src, "key_lines", {})}
+        flat["parameters"] = merged
+    return flat
+
+
 def _token_overrides(tokens, ctx: _Ctx, node) -> dict:
     """``tokenizer.tokens`` as mergekit's pydantic models read it: token → {source, force}; a source is
     a model reference, ``{kind: zero}`` or ``{kind: model_token, model, token_id | token}``."""
@@ -397,8 +436,7 @@ def _token_overrides(tokens, ctx: _Ctx, node) -> dict:
 def _parse_stage(doc: Node, ctx: _Ctx, is_output: bool) -> Stage:
     _check_keys(doc, DOC_KEYS, ctx, "the recipe")
     if "modules" in doc:
-        raise ctx.err("'modules' (mergekit's multi-module merges) is not supported yet by ggmerge; use "
-                      "'models' or 'slices'", doc, "modules")
+        doc = _single_module(doc, ctx)
     if "ggmerge" in doc and not is_output:
         raise ctx.err("the 'ggmerge' block belongs in the output document", doc, "ggmerge")
     name = doc.get("name")
