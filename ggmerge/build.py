@@ -62,7 +62,7 @@ def prepare(recipe_path: str | os.PathLike = "ggmerge.yaml", *, offline: bool = 
         for ref in recipe.leaf_refs():
             local = Path(os.path.expanduser(ref))
             local = local if local.is_absolute() else root / local
-            src = open_source(local if local.exists() else ref, offline=offline)
+            src = open_source(local if local.exists() else ref, offline=offline, root=root)
             sources[ref] = src
             paths[ref] = Path(src.path)
             tdir = src.tokenizer_dir()

@@ -258,6 +258,8 @@ class _Run:
         info = node.info
         if not node.job.vocab_rows or info.row_maps is None:
             return False
+        if info.token_rows:
+            return True
         return not all(_is_identity(info.row_maps[op.ref], op.shape[0], node.shape[0])
                        for op in node.operands)
 
@@ -486,7 +488,17 @@ class _Run:
             maps = [node.info.row_maps[op.ref] for op in job.operands]
             anchor = st.base or job.operands[0].ref
             base_idx = next((i for i, op in enumerate(job.operands) if op.ref == anchor), 0)
-            values = remap_rows(values, maps, base_idx, pad_to_multiple_of=st.pad_to_multiple_of)
+            refs = [op.ref for op in job.operands]
+            overrides = None
+            if node.info.token_rows:
+                missing = {src for _, src, _ in node.info.token_rows.values() if src is not None and src not in refs}
+                if missing:
+                    raise GGMergeError(f"tokenizer.tokens takes rows from '{sorted(missing)[0]}', which this "
+                                       "tensor's merge does not read", path=self.ev.recipe.path, tensor=node.name)
+                overrides = {j: (force, None if src is None else refs.index(src), row)
+                             for j, (force, src, row) in node.info.token_rows.items()}
+            values = remap_rows(values, maps, base_idx, pad_to_multiple_of=st.pad_to_multiple_of,
+                                overrides=overrides)
         base, models = self._split(node, values)
         gen = seeded_generator(self.ev.recipe.seed, f"{st.label}/{node.name}") if st.method.uses_random else None
         out = self._call(node, lambda: st.method.fn(base, models, node.model_params, node.params, gen))

@@ -21,7 +21,8 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 22
 
 MODEL_FILES = ("*.safetensors", "*.gguf", "config.json", "tokenizer.model", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+               "adapter_config.json")
 
 
 def _cache_path() -> Path:
@@ -112,6 +113,10 @@ def model_files(path: Path) -> list[Path]:
 def fingerprint(path: str | os.PathLike, *, full: bool = False) -> dict[str, str]:
     """{relative file name: digest} for a model folder or file (see :func:`file_digest`)."""
     path = Path(path)
+    if not path.exists() and "+" in str(path):  # MODEL+ADAPTER (sources/lora.py): both parts
+        model, adapter = str(path).rsplit("+", 1)
+        return fingerprint(model, full=full) | {
+            f"+adapter/{k}": v for k, v in fingerprint(adapter, full=full).items()}
     cache = _load_cache()
     out = {}
     for f in model_files(path):

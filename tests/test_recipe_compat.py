@@ -272,10 +272,10 @@ dtype: float32
 # methods and per-tensor parameter problems
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["sce", "karcher", "arcee_fusion"])
+@pytest.mark.parametrize("name", ["multislerp", "nearswap", "ram"])
 def test_mergekit_methods_not_supported_yet(tmp_path, name):
     with pytest.raises(GGMergeError, match=f"merge_method '{name}' is a mergekit method ggmerge does not "
-                                           r"support yet \(ggmerge supports: linear, .*passthrough\)"):
+                                           r"support yet \(ggmerge supports: linear, .*passthrough, sce, karcher, arcee_fusion\)"):
         parse_recipe(f"merge_method: {name}\nmodels: [a, b]\n", tmp_path / "r.yaml")
 
 
@@ -298,3 +298,23 @@ models:
         build(str(r), dry_run=True)
     assert "mlp" in e.value.tensor and e.value.line == 5 and e.value.key == "epsilon"
     assert e.value.others == []  # ft2's 0.4 is fine
+
+
+def test_modules_default_is_the_plain_form(tmp_path):
+    # mergekit's one-module architectures: modules.default.{models, parameters} is the plain document with
+    # the module's parameters overriding the document's (ConfigReader.parameter_sources)
+    mod = parse_recipe("merge_method: ties\nbase_model: b\nparameters: {density: 0.5, weight: 0.1}\n"
+                       "modules:\n  default:\n    parameters: {weight: 0.3}\n"
+                       "    models: [{model: a, parameters: {density: 0.7}}, {model: c}]\n",
+                       tmp_path / "r.yaml").output
+    flat = parse_recipe("merge_method: ties\nbase_model: b\nparameters: {density: 0.5, weight: 0.3}\n"
+                        "models: [{model: a, parameters: {density: 0.7}}, {model: c}]\n", tmp_path / "s.yaml").output
+    assert [(m.ref, m.params) for m in mod.models] == [(m.ref, m.params) for m in flat.models]
+    assert mod.params == flat.params == {"density": 0.5, "weight": 0.3}
+    sl = parse_recipe("merge_method: passthrough\nmodules:\n  default:\n    slices:\n"
+                      "      - sources: [{model: a, layer_range: [0, 2]}]\n", tmp_path / "t.yaml").output
+    assert sl.slices[0].sources[0].layer_range == (0, 2)
+    with pytest.raises(GGMergeError, match="one module, 'default'"):
+        parse_recipe("merge_method: linear\nmodules:\n  text_decoder: {models: [a]}\n", tmp_path / "u.yaml")
+    with pytest.raises(GGMergeError, match="exactly one of 'models', 'slices' or 'modules'"):
+        parse_recipe("merge_method: linear\nmodels: [a]\nmodules:\n  default: {models: [a]}\n", tmp_path / "v.yaml")

@@ -8,9 +8,11 @@ mergekit's own ``mergekit-yaml`` command (its click entry point, called in one p
 Python starts once) for every case, computes the same merges with ``ggmerge.methods`` and
 ``ggmerge.recipe.params`` here, and prints a table.
 
-Two mergekit modes per case: ``dtype: float32`` + ``out_dtype: bfloat16`` (mergekit computes in
-float32 and rounds once, like ggmerge: differences show semantic bugs) and ``dtype: bfloat16`` (the
-seed's setting: mergekit then computes task arithmetic in bf16, so small differences are expected).
+Three mergekit modes per case: ``dtype: float32`` (a float32 output, compared bit for bit with
+ggmerge's float32 result: the "f32 bit-identical %" column), ``dtype: float32`` + ``out_dtype:
+bfloat16`` (mergekit computes in float32 and rounds once, like ggmerge: differences show semantic bugs)
+and ``dtype: bfloat16`` (the seed's setting: mergekit then computes task arithmetic in bf16, so small
+differences are expected).
 
 Δ is measured in bf16 ulps at max(|mergekit value|, rms of that tensor) — per-element relative error
 on values that nearly cancel would be meaningless (see NOTES.md).
@@ -155,6 +157,15 @@ CASES: list[tuple[str, dict]] = [
     ("nuslerp (with base)", {"merge_method": "nuslerp", "base_model": "base",
      "models": [M("m1", weight=0.4), M("m2", weight=0.6)]}),
     ("passthrough scale", {"merge_method": "passthrough", "models": [M("m1", scale=0.5)]}),
+    ("sce (select_topk 1)", {"merge_method": "sce", "base_model": "base", "models": [M(m) for m in ALL4[:3]]}),
+    ("sce select_topk 0.5", {"merge_method": "sce", "base_model": "base",
+     "models": [M("base"), M("m1"), M("m2"), M("m3")], "parameters": {"select_topk": 0.5}}),
+    ("sce select_topk gradient", {"merge_method": "sce", "base_model": "base", "models": [M("m1"), M("m2")],
+     "parameters": {"select_topk": [0.1, 0.9]}}),
+    ("karcher (3 models)", {"merge_method": "karcher", "models": [M("m1"), M("m2"), M("m3")]}),
+    ("karcher (base_model as input)", {"merge_method": "karcher", "base_model": "base",
+     "models": [M("m1"), M("m4")], "parameters": {"max_iter": 5}}),
+    ("arcee_fusion", {"merge_method": "arcee_fusion", "base_model": "base", "models": [M("base"), M("m3")]}),
 ]
 # statistical only: (label, config, float32 output)
 RANDOM_CASES = [
@@ -170,7 +181,7 @@ RANDOM_CASES = [
 # ------------------------------------------------------------------------------------- ggmerge side
 
 # mergekit 0.1.5 computes these in the recipe's dtype; linear and slerp upcast to float32 themselves
-NATIVE_DTYPE = {"model_stock", "nuslerp", "passthrough"} | {
+NATIVE_DTYPE = {"model_stock", "nuslerp", "passthrough", "sce", "karcher", "arcee_fusion"} | {
     n for n, m in METHODS.items() if m.fn.__class__.__name__ == "partial"}
 
 
@@ -284,14 +295,15 @@ def main(argv=None) -> int:
         return c | extra
 
     jobs, runs = [], []
-    modes = {"f32→bf16": {"dtype": "float32", "out_dtype": "bfloat16"}, "bf16": {"dtype": "bfloat16"}}
+    modes = {"f32": {"dtype": "float32"}, "f32→bf16": {"dtype": "float32", "out_dtype": "bfloat16"},
+             "bf16": {"dtype": "bfloat16"}}
     for i, (label, cfg) in enumerate(CASES):
-        for mode, extra in modes.items():
-            runs.append((label, mode, cfg, root / f"out{i}-{mode[:3]}"))
+        for j, mode in enumerate(modes):
+            runs.append((label, mode, cfg, root / f"out{i}-{j}"))
     for i, (label, cfg) in enumerate(RANDOM_CASES):
-        runs.append((label, "f32", cfg, root / f"rnd{i}"))
+        runs.append((label, "rnd", cfg, root / f"rnd{i}"))
     for label, mode, cfg, out in runs:
-        extra = {"dtype": "float32"} if mode == "f32" else modes[mode]
+        extra = {"dtype": "float32"} if mode == "rnd" else modes[mode]
         cfg_path = out.with_suffix(".yml")
         cfg_path.write_text(yaml.safe_dump(localize(cfg, **extra), sort_keys=False))
         jobs.append([str(cfg_path), str(out)])
@@ -310,10 +322,15 @@ def main(argv=None) -> int:
                 "max Δ, ggmerge in mergekit's arithmetic"):
         table.add_column(col, justify="left" if col == "case" else "right")
     for label, mode, cfg, out in runs:
-        if mode == "f32":
+        if mode == "rnd":
             continue
         ref = load_output(out)
         ours = ggmerge_merge(cfg, inputs)
+        if mode == "f32":  # float32 output: the bits themselves
+            same = sum(int((ours[n] == ref[n]).sum()) for n in ours) / sum(t.numel() for t in ours.values())
+            mx = max((ours[n] - ref[n]).abs().max().item() for n in ours)
+            table.add_row(label, mode, str(len(ours)), f"{mx:.2e} (abs)", f"{100 * same:.3f}", "")
+            continue
         stats = [bf16_ulps(ours[n], ref[n]) for n in ours]
         mx = max(s[0] for s in stats)
         same = sum(s[1] * ours[n].numel() for s, n in zip(stats, ours)) / sum(t.numel() for t in ours.values())
@@ -330,7 +347,7 @@ def main(argv=None) -> int:
     for col in ("case", "impl", "kept fraction", "L1 ratio", "keep rate, smallest 20%", "keep rate, largest 20%"):
         rt.add_column(col, justify="left" if col in ("case", "impl") else "right")
     for label, mode, cfg, out in runs:
-        if mode != "f32":
+        if mode != "rnd":
             continue
         ref = load_output(out)
         for impl, res in (("mergekit", ref), ("ggmerge", ggmerge_merge(cfg, inputs))):

@@ -24,6 +24,7 @@ How the recipe layer passes the base model:
   LAST if the recipe names a base_model without listing it, which is where mergekit appends it),
   with its own ``model_params`` (for linear it then needs a ``weight``, e.g. from the recipe's
   global ``parameters``, exactly as mergekit requires).
+  karcher is the same: mergekit ignores the base's role and averages every input.
 * neither (nuslerp): the base is optional; pass it as ``base`` if the recipe names one, else None.
 
 ``int8_mask`` is accepted and ignored: in mergekit it only selects the dtype of the ±1 sign tensor
@@ -39,8 +40,11 @@ from typing import Any, Callable
 import torch
 
 from ..errors import GGMergeError, did_you_mean
+from .arcee_fusion import arcee_fusion
+from .karcher import karcher
 from .linear import linear, passthrough
 from .model_stock import model_stock
+from .sce import sce
 from .slerp import nuslerp, slerp
 from .task_arithmetic import generalized_task_arithmetic
 
@@ -57,7 +61,7 @@ REQUIRED: Any = _Required()
 # YAML reads `1e-3` as a string; mergekit's pydantic turns it into a float for float parameters).
 PARAM_KINDS: dict[str, type] = {
     "weight": float, "density": float, "gamma": float, "epsilon": float, "lambda": float,
-    "t": float, "scale": float,
+    "t": float, "scale": float, "select_topk": float, "tol": float, "max_iter": int,
     "normalize": bool, "rescale": bool, "int8_mask": bool, "filter_wise": bool,
     "nuslerp_row_wise": bool, "nuslerp_flatten": bool,
 }
@@ -210,6 +214,18 @@ METHODS: dict[str, Method] = {
     "passthrough": Method(
         name="passthrough", fn=passthrough, requires_base=False, base_is_model=True,
         model_params={"scale": None}, params={}, min_models=1, max_models=1),
+    "sce": Method(
+        name="sce", fn=sce, requires_base=True, model_params={},
+        params={"select_topk": 1.0, "int8_mask": False}, min_models=0,
+        reference="https://arxiv.org/abs/2408.07990"),
+    "karcher": Method(
+        name="karcher", fn=karcher, requires_base=False, base_is_model=True, model_params={},
+        params={"max_iter": 10, "tol": 1e-5}, min_models=1,
+        reference="https://arxiv.org/abs/2603.04972"),
+    # random only above 1M elements, where mergekit samples the importances for its quantiles
+    "arcee_fusion": Method(
+        name="arcee_fusion", fn=arcee_fusion, requires_base=True, model_params={}, params={},
+        uses_random=True, min_models=1, max_models=1, reference="https://arcee.ai"),
 }
 
 

@@ -55,6 +55,8 @@ class StageInfo:
     jobs: dict[str, TensorJob] = field(default_factory=dict)
     #: family module (names, permutations, vocab tensors)
     family: object = None
+    #: ``tokenizer.tokens``: merged id → (force, source ref or None for a zero row, source row)
+    token_rows: dict[int, tuple[bool, str | None, int | None]] | None = None
 
     @property
     def tensor_names(self) -> list[str]:
@@ -159,6 +161,7 @@ def _input_dtype(st: Stage, inputs: Inputs) -> torch.dtype:
 def _source_dtype(src) -> torch.dtype | None:
     from ..sources.safetensors import SafetensorsSource
 
+    src = getattr(src, "inner", src)  # model+lora: the model's dtype (PEFT merges in it)
     if not isinstance(src, SafetensorsSource):
         return None
     counts: dict[torch.dtype, int] = {}
@@ -234,6 +237,8 @@ def plan_stage(st: Stage, inputs: Inputs) -> StageInfo:
 
     vocab, row_maps = _plan_vocab(st, inputs, config)
     info = StageInfo(stage=st, config=config, vocab=vocab, row_maps=row_maps, family=family)
+    if st.token_overrides:
+        info.token_rows = _plan_token_rows(st, inputs, vocab, row_maps)
     out_rows = None
     if vocab is not None and row_maps is not None:
         out_rows = len(next(iter(row_maps.values())))
@@ -428,3 +433,47 @@ def _plan_vocab(st: Stage, inputs: Inputs, config: dict):
         dv = inputs.vocab(donor)
         merged, maps = union_mod.vocab_from_donor(dv, vocabs, n_rows=n_rows)
     return merged, dict(zip(refs, maps))
+
+
+def _plan_token_rows(st: Stage, inputs: Inputs, vocab: Vocab, row_maps: dict) -> dict:
+    """``tokenizer.tokens`` as rows: mirrors mergekit ``PermutedVocabulary``: an override matters for a
+    token some model lacks, or for every model with ``force``; its row is the source model's own row of
+    the token, row ``token_id`` (or of ``token`` in its own vocabulary) of the source model, or zeros."""
+    index = {t: i for i, t in enumerate(vocab.tokens)}
+    out: dict[int, tuple[bool, str | None, int | None]] = {}
+    where = dict(path=inputs.recipe.path, key="tokens")
+    for tok, ov in st.token_overrides.items():
+        j = index.get(tok)
+        if j is None:
+            raise GGMergeError(f"tokenizer.tokens: '{tok}' is not in the merged vocabulary; adding new tokens "
+                               "this way is a mergekit feature ggmerge does not support yet", **where)
+        if not ov.force and all(m[j] >= 0 for m in row_maps.values()):
+            continue  # every model has it: each keeps its own row, as in mergekit
+        if ov.kind is None:
+            raise GGMergeError(f"tokenizer.tokens: '{tok}' needs a 'source' (some model lacks it, or it is "
+                               "forced)", **where)
+        if ov.kind == "zero":
+            out[j] = (ov.force, None, None)
+            continue
+        if ov.ref not in row_maps:
+            raise GGMergeError(f"tokenizer.tokens: the source of '{tok}', '{ov.ref}', is not one of this "
+                               "stage's models", **where)
+        if ov.kind == "model":
+            row = int(row_maps[ov.ref][j])
+            if row < 0:
+                raise GGMergeError(f"tokenizer.tokens: '{tok}' is not in the vocabulary of its source "
+                                   f"'{ov.ref}'", **where)
+        else:
+            row = ov.token_id
+            if row is None:
+                own = inputs.vocab(ov.ref)
+                if own is None or ov.token not in own.tokens:
+                    raise GGMergeError(f"tokenizer.tokens: source token '{ov.token}' is not in the vocabulary "
+                                       f"of '{ov.ref}'", **where)
+                row = own.tokens.index(ov.token)
+            n = inputs.shape(ov.ref, "model.embed_tokens.weight")[0]
+            if row >= n:
+                raise GGMergeError(f"tokenizer.tokens: token_id {row} for '{tok}' is past the {n} rows of "
+                                   f"'{ov.ref}'", **where)
+        out[j] = (ov.force, ov.ref, row)
+    return out

@@ -42,7 +42,7 @@ SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
 TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
 GGMERGE_KEYS = {"name", "seed", "shard_size", "keep_stages", "miniature", "gguf"}
 #: merge methods mergekit 0.1.5 has and ggmerge does not (yet): refused with a message saying so
-MERGEKIT_ONLY_METHODS = {"sce", "karcher", "arcee_fusion", "multislerp", "nearswap", "ram", "ramplus_tl"}
+MERGEKIT_ONLY_METHODS = {"multislerp", "nearswap", "ram", "ramplus_tl"}
 
 #: parameters with a known valid range: name → (low, high, low_inclusive)
 RANGES = {
@@ -51,6 +51,20 @@ RANGES = {
     "gamma": (0.0, 1.0, True),
     "epsilon": (0.0, 1.0, True),
 }
+
+
+@dataclass(frozen=True)
+class TokenOverride:
+    """One entry of mergekit's ``tokenizer.tokens`` (``mergekit.tokenizer.config.TokenEmbeddingConfig``):
+    where the token's embedding row comes from for the models that lack it (every model, with
+    ``force``). ``kind``: "model" (that model's own row of this token), "model_token" (row ``token_id``
+    of ``ref``, or the row of ``token`` in ``ref``'s own vocabulary), "zero", or None (no source: only
+    valid while every model has the token and nothing is forced, as in mergekit)."""
+    kind: str | None
+    ref: str | None = None
+    token_id: int | None = None
+    token: str | None = None
+    force: bool = False
 
 
 @dataclass
@@ -88,6 +102,8 @@ class Stage:
     line: int
     #: ``chat_template: auto``: the plurality template of this stage's inputs (resolved at plan time)
     chat_template_auto: bool = False
+    #: ``tokenizer.tokens``: token string → its embedding-row override (mergekit TokenEmbeddingConfig)
+    token_overrides: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -318,25 +334,109 @@ def _check_keys(node: dict, allowed: set, ctx: _Ctx, where: str, *, lenient: boo
 
 
 def _ref(value, ctx: _Ctx, node, key) -> str:
+    """A model reference as one string: a path, Hub id (``org/name@rev``), stage name, or mergekit's
+    ``MODEL+LORA`` (also in its expanded form ``{model: {path, revision}, lora: {path, revision}}``)."""
+    def flat(v):
+        if isinstance(v, dict) and "path" in v:
+            rev = v.get("revision")
+            return f"{v['path']}@{rev}" if rev else v["path"]
+        return v
+
+    lora = None
     if isinstance(value, dict) and "model" in value and isinstance(value["model"], (str, dict)):
-        value = value["model"]  # mergekit's expanded ModelReference {model: {path: ...}}
-    if isinstance(value, dict) and "path" in value:
-        if value.get("lora"):
-            raise ctx.err("LoRA model references are not supported", node, key)
-        rev = value.get("revision")
-        value = value["path"] + (f"@{rev}" if rev else "")
+        lora = flat(value.get("lora"))  # mergekit's expanded ModelReference
+        value = value["model"]
+    value = flat(value)
+    if isinstance(value, str) and isinstance(lora, str) and lora.strip():
+        value = f"{value}+{lora}"
     if not isinstance(value, str) or not value.strip():
         raise ctx.err(f"expected a model path or Hub id, got {value!r}", node, key)
-    if "+" in value and not Path(value).exists():
-        raise ctx.err(f"'{value}': LoRA references (model+lora) are not supported", node, key)
+    if value.count("+") > 1 and not Path(value).exists():
+        raise ctx.err(f"'{value}': a LoRA reference is 'MODEL+ADAPTER' (one '+')", node, key)
     return value.strip()
+
+
+def _single_module(doc: Node, ctx: _Ctx) -> Node:
+    """mergekit's ``modules:`` form for a one-module architecture, as the equivalent plain document.
+
+    mergekit describes every Llama-family architecture (Llama, Mistral, Qwen2, …) as ONE module named
+    ``default``; its planner turns ``models:``/``slices:`` into ``modules: {default: …}`` itself
+    (``MergePlanner.normalize_config``), so ``modules: {default: {models|slices, parameters}}`` is the
+    same merge with the module's ``parameters`` between the slice's and the document's in precedence
+    (``ConfigReader.parameter_sources``) — i.e. they override the document's, key by key. Other module
+    names belong to multimodal architectures (a vision tower beside the text model), which ggmerge does
+    not merge; mergekit itself fails on them for a Llama-family model."""
+    mods = doc["modules"]
+    if "models" in doc or "slices" in doc:
+        raise ctx.err("exactly one of 'models', 'slices' or 'modules' must be given", doc, "modules")
+    if not isinstance(mods, dict) or not mods:
+        raise ctx.err("'modules' must be a mapping of module name → {models | slices, parameters}", doc, "modules")
+    names = list(mods)
+    if names != ["default"]:
+        raise ctx.err(f"'modules' names {', '.join(map(str, names))}: the architectures ggmerge merges (and "
+                      "mergekit's Llama-family definitions) have one module, 'default'; multi-module merges "
+                      "(multimodal models) are not supported", doc, "modules")
+    mod = mods["default"]
+    if not isinstance(mod, dict):
+        raise ctx.err("module 'default' must be a mapping", mods, "default")
+    _check_keys(mod, {"models", "slices", "parameters"}, ctx, "module 'default'")
+    flat = Node({k: v for k, v in doc.items() if k != "modules"})
+    flat.line, flat.key_lines = doc.line, dict(doc.key_lines)
+    for key in ("models", "slices"):
+        if key in mod:
+            flat[key] = mod[key]
+            flat.key_lines[key] = mod.line_of(key) if isinstance(mod, Node) else doc.line
+    if mod.get("parameters"):
+        merged = Node({**(doc.get("parameters") or {}), **mod["parameters"]})
+        src = mod["parameters"]
+        merged.line = getattr(src, "line", doc.line)
+        merged.key_lines = {**getattr(doc.get("parameters"), "key_lines", {}), **getattr(src, "key_lines", {})}
+        flat["parameters"] = merged
+    return flat
+
+
+def _token_overrides(tokens, ctx: _Ctx, node) -> dict:
+    """``tokenizer.tokens`` as mergekit's pydantic models read it: token → {source, force}; a source is
+    a model reference, ``{kind: zero}`` or ``{kind: model_token, model, token_id | token}``."""
+    if not isinstance(tokens, dict):
+        raise ctx.err("'tokens' must be a mapping of token → {source, force}", node, "tokens")
+    out = {}
+    for tok, cfg in tokens.items():
+        cfg = {} if cfg is None else cfg
+        if not isinstance(tok, str) or not isinstance(cfg, dict):
+            raise ctx.err(f"token '{tok}': expected {{source: ..., force: ...}}", tokens, tok)
+        _check_keys(cfg, {"source", "force"}, ctx, f"token '{tok}'")
+        force = cfg.get("force", False)
+        if not isinstance(force, bool):
+            raise ctx.err(f"token '{tok}': 'force' must be true or false, got {force!r}", cfg, "force")
+        src = cfg.get("source")
+        if src is None:
+            out[tok] = TokenOverride(None, force=force)
+        elif isinstance(src, dict) and "kind" in src:
+            kind = src["kind"]
+            if kind == "zero":
+                out[tok] = TokenOverride("zero", force=force)
+            elif kind == "model_token":
+                if "model" not in src:
+                    raise ctx.err(f"token '{tok}': a model_token source needs 'model'", src, "kind")
+                tid, ttok = src.get("token_id"), src.get("token")
+                if (tid is None) == (ttok is None):
+                    raise ctx.err(f"token '{tok}': give exactly one of token_id or token", src, "kind")
+                if tid is not None and (not isinstance(tid, int) or isinstance(tid, bool) or tid < 0):
+                    raise ctx.err(f"token '{tok}': token_id must be a non-negative integer", src, "token_id")
+                out[tok] = TokenOverride("model_token", _ref(src["model"], ctx, src, "model"), tid,
+                                         None if ttok is None else str(ttok), force)
+            else:
+                raise ctx.err(f"token '{tok}': unknown source kind {kind!r} (model_token or zero)", src, "kind")
+        else:
+            out[tok] = TokenOverride("model", _ref(src, ctx, cfg, "source"), force=force)
+    return out
 
 
 def _parse_stage(doc: Node, ctx: _Ctx, is_output: bool) -> Stage:
     _check_keys(doc, DOC_KEYS, ctx, "the recipe")
     if "modules" in doc:
-        raise ctx.err("'modules' (mergekit's multi-module merges) is not supported yet by ggmerge; use "
-                      "'models' or 'slices'", doc, "modules")
+        doc = _single_module(doc, ctx)
     if "ggmerge" in doc and not is_output:
         raise ctx.err("the 'ggmerge' block belongs in the output document", doc, "ggmerge")
     name = doc.get("name")
@@ -385,6 +485,7 @@ def _parse_stage(doc: Node, ctx: _Ctx, is_output: bool) -> Stage:
 
     tok_src = None
     pad = None
+    overrides: dict = {}
     if "tokenizer_source" in doc and "tokenizer" in doc:
         raise ctx.err("give either 'tokenizer_source' or 'tokenizer', not both", doc, "tokenizer")
     if doc.get("tokenizer_source") is not None:
@@ -394,8 +495,8 @@ def _parse_stage(doc: Node, ctx: _Ctx, is_output: bool) -> Stage:
         if not isinstance(tk, dict):
             raise ctx.err("'tokenizer' must be a mapping", doc, "tokenizer")
         _check_keys(tk, TOKENIZER_KEYS, ctx, "tokenizer")
-        if tk.get("tokens"):
-            raise ctx.err("per-token embedding overrides ('tokenizer.tokens') are not supported yet", tk, "tokens")
+        if tk.get("tokens") is not None:
+            overrides = _token_overrides(tk["tokens"], ctx, tk)
         tok_src = _ref(tk.get("source", "union"), ctx, tk, "source")
         pad = tk.get("pad_to_multiple_of")
         if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
@@ -407,7 +508,8 @@ def _parse_stage(doc: Node, ctx: _Ctx, is_output: bool) -> Stage:
 
     stage = Stage(name=(name or "").strip(), method=method, base=base, models=models, slices=slices,
                   params=params, dtype=dtype, out_dtype=out_dtype, tokenizer_source=tok_src,
-                  pad_to_multiple_of=pad, chat_template=chat, line=doc.line, chat_template_auto=auto)
+                  pad_to_multiple_of=pad, chat_template=chat, line=doc.line, chat_template_auto=auto,
+                  token_overrides=overrides)
     _check_method_inputs(stage, ctx, doc)
     return stage
 

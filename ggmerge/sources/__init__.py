@@ -58,18 +58,46 @@ def _open_folder(folder: Path) -> TensorSource:
                        path=folder)
 
 
+def _local_or_hub(part: str, root: Path | None, offline: bool) -> Path | str:
+    p = Path(os.path.expanduser(part))
+    if not p.is_absolute() and root is not None and (root / p).exists():
+        return root / p
+    if p.exists() or parse_hub_id(part) is None or part.startswith((".", "/", "~")):
+        return p
+    return part
+
+
+def _open_with_lora(spec: str, root: Path | None, offline: bool) -> TensorSource:
+    """mergekit's ``model+lora`` reference (``ModelReference.validate_string``: exactly one '+')."""
+    from .lora import LoraSource
+
+    parts = spec.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise GGMergeError("a LoRA reference is 'MODEL+ADAPTER' (one '+')", path=Path(spec))
+    model = open_source(_local_or_hub(parts[0], root, offline), offline=offline)
+    adapter = _local_or_hub(parts[1], root, offline)
+    if isinstance(adapter, str):
+        adapter = resolve_hub_id(adapter, offline=offline)
+    return LoraSource(model, Path(adapter), spec)
+
+
 def open_source(spec: str | os.PathLike, *, offline: bool = True,
-                hub_offline: bool | None = None) -> TensorSource:
+                hub_offline: bool | None = None, root: Path | None = None) -> TensorSource:
     """Open ``spec`` as a tensor source.
 
     ``spec`` may be an HF model folder (``config.json`` + ``*.safetensors``, sharded or not), a single
     ``.safetensors`` file (config from its folder), a ``.gguf`` file, or a Hub id ``org/name`` /
     ``org/name@revision`` looked up in the local HF cache (downloaded when ``offline`` is False).
     A local path wins over a Hub id of the same spelling. ``hub_offline`` is an alias of ``offline``.
+    ``MODEL+ADAPTER`` (mergekit's LoRA reference) opens MODEL with the PEFT LoRA adapter folder ADAPTER
+    merged in (:class:`~ggmerge.sources.lora.LoraSource`); relative parts are looked up under ``root``
+    (the recipe's folder) first.
     """
     if hub_offline is not None:
         offline = hub_offline
     path = Path(os.path.expanduser(str(spec)))
+    if "+" in str(spec) and not path.exists():
+        return _open_with_lora(str(spec), root, offline)
     if path.is_dir():
         return _open_folder(path)
     if path.is_file():

@@ -87,7 +87,8 @@ def union_vocab(vocabs: Sequence[Vocab], base: int,
 
 def remap_rows(rows_by_model: Sequence[torch.Tensor], maps: Sequence[np.ndarray], base: int | None,
                weights: Sequence[float] | None = None,
-               pad_to_multiple_of: int | None = None) -> list[torch.Tensor]:
+               pad_to_multiple_of: int | None = None,
+               overrides: dict[int, tuple[bool, int | None, int | None]] | None = None) -> list[torch.Tensor]:
     """Each model's token rows (embed_tokens or lm_head, tokens on dim 0) in the merged vocabulary.
 
     Row ``j`` of model ``i`` is its own row ``maps[i][j]`` when it has the token. Otherwise it is
@@ -96,6 +97,10 @@ def remap_rows(rows_by_model: Sequence[torch.Tensor], maps: Sequence[np.ndarray]
     mean of the rows of the models that have it (weighted by ``weights`` if given; mergekit's
     mean is unweighted); zero if no model has it. With ``pad_to_multiple_of`` the row count is
     rounded up and the extra rows are each model's mean row (mergekit does the same).
+
+    ``overrides`` (``tokenizer.tokens``): merged id → (force, source model index or None for zeros,
+    source row); that row replaces the fill for the models lacking the token, and every model's own
+    row too with ``force`` (mergekit ``PermutedVocabulary``), before the padding rows are averaged.
     """
     if len(rows_by_model) != len(maps) or not maps:
         raise GGMergeError(f"{len(rows_by_model)} row tensors for {len(maps)} vocabulary maps")
@@ -124,6 +129,9 @@ def remap_rows(rows_by_model: Sequence[torch.Tensor], maps: Sequence[np.ndarray]
         new[own] = rows[ix[own]].to(dtype)
         missing = (~has).nonzero().squeeze(1)
         new[missing] = fill[slot[missing]]
+        for j, (force, m, row) in (overrides or {}).items():
+            if force or not bool(has[j]):
+                new[j] = 0 if m is None else rows_by_model[m][row].to(dtype)
         if n_out > n:
             new[n:] = new[:n].mean(dim=0)
         out.append(new)
