@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arch import llama
+from .arch import family_for
 from .convert.gguf_out import GGUFFile, OutTensor, _encode
 from .convert.quants.ftypes import FileType, parse_ftype
 from .errors import GGMergeError
@@ -108,7 +108,8 @@ class GGUFOutputs:
                 raise GGMergeError("the merged model has no tokenizer; a GGUF needs one", path=self.hf_folder)
             write_hf(vocab, self._scratch)
             self.source = _Merged(shapes, config, self._scratch, self.hf_folder)
-            gguf_of = {llama.hf_to_gguf(n): n for n in shapes}
+            self.family = family_for(config, path=self.hf_folder)
+            gguf_of = {self.family.hf_to_gguf(n): n for n in shapes}
             for ft in types:
                 arch, metadata, tensors = plan_source(self.source, self.hf_folder, ft, imatrix=imatrix,
                                                       imatrix_arg=imatrix_arg)
@@ -140,7 +141,7 @@ class GGUFOutputs:
 
     def rows_streamable(self, name: str) -> bool:
         """Whether ``name`` can go out a block of rows at a time: stored unpermuted, row for row."""
-        permuted = any(name.endswith(suffix) for suffix in llama.PERMUTED)
+        permuted = self.family.transformed(name)
         # per-expert importance weights follow the expert index, not a block of rows
         experts = any(ot.imatrix is not None and ot.imatrix.ndim == 2 and ot.imatrix.shape[0] > 1
                       for _, ot in self._by_hf.get(name, []))
