@@ -1,4 +1,4 @@
-"""Hugging Face Llama/Mistral model → GGUF ``llama`` file that llama.cpp reads as transformers does.
+"""Hugging Face model → GGUF file that llama.cpp reads as transformers does (every :mod:`ggmerge.arch` family).
 
 Two levels:
 
@@ -8,12 +8,13 @@ Two levels:
   problem is found here, before a byte is written.
 * :func:`convert_hf` is the ``ggmerge convert HF_DIR -o OUT.gguf`` verb: open, plan, write.
 
-What the plan does to each tensor mirrors llama.cpp's convert_hf_to_gguf.py (``LlamaModel``):
-HF → GGUF names from :mod:`ggmerge.arch.llama`; Q and K rows re-interleaved for llama.cpp's RoPE
-(``LlamaModel.permute``, with the KV head count for K); 1-D tensors (norms, rope_freqs) always F32
-(``prepare_tensors``: "Most of the codebase that takes in 1D tensors or norms only handles F32");
-no ``output.weight`` when the embeddings are tied (llama.cpp then reuses ``token_embd``); a
-``rope_freqs.weight`` tensor for llama3 RoPE scaling (``generate_extra_tensors``).
+What the plan does to each tensor mirrors llama.cpp's convert_hf_to_gguf.py (``LlamaModel``,
+``Qwen2Model``, …), with every architecture fact asked of the model's family (:mod:`ggmerge.arch`):
+HF → GGUF names; values changed on the way (``Family.to_gguf``: the llama Q/K re-interleaving,
+``LlamaModel.permute``); 1-D tensors (norms, biases, rope_freqs) always F32 (``prepare_tensors``:
+"Most of the codebase that takes in 1D tensors or norms only handles F32"); no ``output.weight`` when
+the embeddings are tied (llama.cpp then reuses ``token_embd``); tensors derived from the config
+(``rope_freqs.weight`` for llama3 RoPE scaling, ``generate_extra_tensors``).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ggmerge.arch import llama
+from ggmerge.arch import Family, Hparams, family_for
 from ggmerge.errors import GGMergeError, did_you_mean
 from ggmerge.sources import open_source
 from ggmerge.tokenizer.gguf_vocab import padded
@@ -36,7 +37,6 @@ from ggmerge.tokenizer.hf_vocab import read_hf
 from ggmerge.tokenizer.templates import choose_template
 
 from .gguf_out import OutTensor, encoded_nbytes, write_gguf
-from .hparams import ARCH, LlamaHparams
 
 log = logging.getLogger(__name__)
 
@@ -55,52 +55,12 @@ OUTTYPES: dict[str, tuple[Q, F]] = {
 #: gguf name → type / (type, reason) such as convert.quants.policy.choose_types returns
 Policy = str | Callable[[str, tuple[int, ...]], Q] | Mapping[str, object]
 
-#: order of the tensors inside one block in our files (llama.cpp looks tensors up by name; this is
-#: only for people reading a tensor listing)
-_BLOCK_ORDER = {f"{n}.weight": k for k, n in enumerate((
-    "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"))}
-
-
 def parse_outtype(outtype: str) -> tuple[Q, F]:
     try:
         return OUTTYPES[str(outtype).lower()]
     except KeyError:
         raise GGMergeError(f"unknown output type '{outtype}' (choose from {', '.join(OUTTYPES)})"
                            f"{did_you_mean(str(outtype).lower(), OUTTYPES)}", key="outtype") from None
-
-
-def _sort_key(gguf_name: str):
-    """token_embd, blk.0.*, blk.1.*, …, output_norm, output — blocks numerically, not as strings."""
-    m = re.match(r"^blk\.(\d+)\.(.+)$", gguf_name)
-    if m:
-        return (1, int(m.group(1)), _BLOCK_ORDER.get(m.group(2), 99), gguf_name)
-    head = {"rope_freqs.weight": -1, "token_embd.weight": 0, "output_norm.weight": 2, "output.weight": 3}
-    return (head.get(gguf_name, 4), 0, 0, gguf_name)
-
-
-def _expected_shapes(hp: LlamaHparams, n_rows: int) -> dict[str, tuple[int, ...]]:
-    """HF shape of every tensor a llama checkpoint must (or, for lm_head, may) hold."""
-    q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
-    out = {
-        "model.embed_tokens.weight": (n_rows, hp.n_embd),
-        "model.norm.weight": (hp.n_embd,),
-        "lm_head.weight": (n_rows, hp.n_embd),
-    }
-    per_layer = {
-        "input_layernorm.weight": (hp.n_embd,),
-        "self_attn.q_proj.weight": (q, hp.n_embd),
-        "self_attn.k_proj.weight": (kv, hp.n_embd),
-        "self_attn.v_proj.weight": (kv, hp.n_embd),
-        "self_attn.o_proj.weight": (hp.n_embd, q),
-        "post_attention_layernorm.weight": (hp.n_embd,),
-        "mlp.gate_proj.weight": (hp.n_ff, hp.n_embd),
-        "mlp.up_proj.weight": (hp.n_ff, hp.n_embd),
-        "mlp.down_proj.weight": (hp.n_embd, hp.n_ff),
-    }
-    for i in range(hp.n_layer):
-        for suffix, shape in per_layer.items():
-            out[f"model.layers.{i}.{suffix}"] = shape
-    return out
 
 
 def _type_chooser(policy: Policy) -> Callable[[str, tuple[int, ...]], tuple[Q, str | None]]:
@@ -147,50 +107,52 @@ def file_type_of(types: list[Q]) -> F:
 
 @dataclass
 class _Layout:
-    """A source checked against its config: hyper-parameters, embedding rows and the tensors to
-    write as (hf name or None for derived ones, gguf name, numpy shape), in file order."""
+    """A source checked against its config: family, hyper-parameters, embedding rows and the tensors
+    to write as (hf name or None for derived ones, gguf name, numpy shape), in file order."""
 
-    hp: LlamaHparams
+    family: Family
+    hp: Hparams
     n_rows: int
     tensors: list[tuple[str | None, str, tuple[int, ...]]]
 
 
 def _layout(source, config: dict) -> _Layout:
     where = getattr(source, "path", None)
-    hp = LlamaHparams.from_config(config, path=where)
+    fam = family_for(config, path=where)
+    hp = fam.hparams(config, path=where)
     names = list(source.names())
-    if "model.embed_tokens.weight" not in names:
-        raise GGMergeError("no embedding tensor", path=where, tensor="model.embed_tokens.weight")
-    n_rows = int(source.shape("model.embed_tokens.weight")[0])
+    embed, head = "model.embed_tokens.weight", fam.tied_head[0]
+    if embed not in names:
+        raise GGMergeError("no embedding tensor", path=where, tensor=embed)
+    n_rows = int(source.shape(embed)[0])
     if n_rows != hp.n_vocab:
         log.warning("%s: config vocab_size %d differs from the embedding's %d rows; using %d",
                     where, hp.n_vocab, n_rows, n_rows)
         hp.n_vocab = n_rows
-    expected = _expected_shapes(hp, n_rows)
-    if "lm_head.weight" not in names and not hp.tie_embeddings:
-        raise GGMergeError("no lm_head.weight and tie_word_embeddings is false", path=where,
-                           tensor="lm_head.weight")
-    missing = [n for n in expected if n not in names and n != "lm_head.weight"]
+    expected = fam.expected_shapes(hp, n_rows, present=names)
+    if head not in names and not hp.tie_embeddings:
+        raise GGMergeError(f"no {head} and tie_word_embeddings is false", path=where, tensor=head)
+    missing = [n for n in expected if n not in names and not fam.optional(n)]
     if missing:
-        raise GGMergeError(f"missing {len(missing)} tensor(s) the llama architecture needs", path=where,
-                           tensor=missing[0])
+        raise GGMergeError(f"missing {len(missing)} tensor(s) the {fam.gguf_arch} architecture needs",
+                           path=where, tensor=missing[0])
     tensors: list[tuple[str | None, str, tuple[int, ...]]] = []
     for hf in names:
-        if any(rx.match(hf) for rx in llama.IGNORED):
+        if fam.is_ignored(hf):
             continue
-        gname = llama.hf_to_gguf(hf)
+        gname = fam.hf_to_gguf(hf)
         if gname is None or hf not in expected:
-            raise GGMergeError("tensor is not part of the llama architecture (unsupported layout?)"
+            raise GGMergeError(f"tensor is not part of the {fam.gguf_arch} architecture (unsupported layout?)"
                                f"{did_you_mean(hf, expected)}", path=where, tensor=hf)
         shape = tuple(int(d) for d in source.shape(hf))
         if shape != expected[hf]:
             raise GGMergeError(f"shape {shape} does not match the config (expected {expected[hf]})",
                                path=where, tensor=hf)
         tensors.append((hf, gname, shape))
-    if hp.rope_freqs() is not None:
-        tensors.append((None, "rope_freqs.weight", (hp.head_dim // 2,)))
-    tensors.sort(key=lambda t: _sort_key(t[1]))
-    return _Layout(hp, n_rows, tensors)
+    for gname, shape, _ in fam.extra_tensors(hp):
+        tensors.append((None, gname, shape))
+    tensors.sort(key=lambda t: fam.sort_key(t[1]))
+    return _Layout(fam, hp, n_rows, tensors)
 
 
 def planned_tensors(source, config: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -212,7 +174,8 @@ def plan_gguf(
     name: str | None = None,
     file_type: F | None = None,
 ) -> tuple[Callable[[gguf.GGUFWriter], None], list[OutTensor]]:
-    """Metadata callback and tensor jobs for writing ``source`` as a GGUF ``llama`` file.
+    """Metadata callback and tensor jobs for writing ``source`` as a GGUF file of its family's
+    architecture (:func:`gguf_arch`).
 
     ``vocab`` is written as the tokenizer (its ``chat_template`` included), padded with ``[PAD{id}]``
     entries up to the embedding's row count. ``outtype_policy`` is an outtype name ('f32', 'f16',
@@ -222,7 +185,8 @@ def plan_gguf(
     """
     where = getattr(source, "path", None)
     layout = _layout(source, config)
-    hp, n_rows = layout.hp, layout.n_rows
+    fam, hp, n_rows = layout.family, layout.hp, layout.n_rows
+    derived = {g: load for g, _, load in fam.extra_tensors(hp)}
     # vocabulary problems surface now, not after the output file is opened
     try:
         padded(vocab, n_rows)
@@ -246,16 +210,16 @@ def plan_gguf(
             encoded_nbytes(shape, qtype)
         except ValueError as exc:
             raise GGMergeError(f"cannot store as {qtype.name}: {exc}", path=where, tensor=hf or gname) from None
-        if hf is None:  # rope_freqs: derived from the config
-            jobs.append(OutTensor(gname, shape, qtype, hp.rope_freqs))
+        if hf is None:  # derived from the config (rope_freqs)
+            jobs.append(OutTensor(gname, shape, qtype, derived[gname]))
         else:
-            jobs.append(OutTensor(gname, shape, qtype, _loader(source, hf, llama.heads_for_permute(hf, heads))))
+            jobs.append(OutTensor(gname, shape, qtype, _loader(source, fam, hf, heads)))
 
     if file_type is None:
         file_type = parse_outtype(outtype_policy)[1] if isinstance(outtype_policy, str) else file_type_of(weight_types)
 
     def metadata(writer: gguf.GGUFWriter) -> None:
-        hp.write(writer, name=name, file_type=file_type)
+        fam.write_kvs(writer, hp, name=name, file_type=file_type)
         try:
             write_vocab(writer, vocab, n_rows)
         except GGMergeError as exc:
@@ -265,14 +229,16 @@ def plan_gguf(
     return metadata, jobs
 
 
-def _loader(source, hf_name: str, n_head: int | None) -> Callable[[], np.ndarray]:
+def _loader(source, fam: Family, hf_name: str, heads: dict) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        w = source.load(hf_name)
-        if n_head is not None:
-            w = llama.permute(w, n_head)
-        return w.numpy()
+        return fam.to_gguf(hf_name, source.load(hf_name), heads).numpy()
 
     return load
+
+
+def gguf_arch(config: dict, path=None) -> str:
+    """The GGUF ``general.architecture`` a model of this HF config is written as."""
+    return family_for(config, path=path).gguf_arch
 
 
 def default_output(hf_dir: Path, out: Path, outtype: str) -> Path:
@@ -284,7 +250,7 @@ def default_output(hf_dir: Path, out: Path, outtype: str) -> Path:
 
 def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str = "bf16",
                chat_template: str | None = None) -> Path:
-    """Convert an HF Llama/Mistral folder to a GGUF file; returns the path written.
+    """Convert an HF model folder to a GGUF file; returns the path written.
 
     ``chat_template`` is 'vicuna', a template file, or None to keep the model's own template.
     """
@@ -302,7 +268,7 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str =
         vocab.chat_template = choose_template(chat_template, vocab.chat_template)
         name = hf_dir.resolve().name
         metadata, tensors = plan_gguf(source, vocab, config, outtype, name=name)
-        write_gguf(out, ARCH, metadata, tensors, description=f"{name} → {out.name}")
+        write_gguf(out, gguf_arch(config, hf_dir), metadata, tensors, description=f"{name} → {out.name}")
     finally:
         source.close()
     return out

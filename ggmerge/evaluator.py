@@ -30,6 +30,7 @@ from typing import Iterator
 
 import torch
 
+from .arch import served_name
 from .buffers import POOL
 from .errors import GGMergeError
 from .methods import Method, seeded_generator
@@ -52,11 +53,9 @@ _FLOAT_STORAGE = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.flo
 
 
 def leaf_tensor_name(src, name: str) -> str:
-    """The tensor a source serves for ``name``: a model with tied embeddings has no lm_head of its
-    own and serves its embedding."""
-    if name == "lm_head.weight" and name not in src.names():
-        return "model.embed_tokens.weight"
-    return name
+    """The tensor a source serves for ``name`` (:func:`ggmerge.arch.served_name`: a model with tied
+    embeddings serves its embedding as lm_head)."""
+    return served_name(name, src.names())
 
 
 def chunk_bounds(shape: tuple[int, ...], chunk_elems: int = CHUNK_ELEMS) -> list[tuple[int, int]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arch import llama
+from .arch import family_for
 from .convert.gguf_out import GGUFFile, OutTensor, _encode
 from .convert.quants.ftypes import FileType, parse_ftype
 from .errors import GGMergeError
@@ -108,7 +108,8 @@ class GGUFOutputs:
                 raise GGMergeError("the merged model has no tokenizer; a GGUF needs one", path=self.hf_folder)
             write_hf(vocab, self._scratch)
             self.source = _Merged(shapes, config, self._scratch, self.hf_folder)
-            gguf_of = {llama.hf_to_gguf(n): n for n in shapes}
+            self.family = family_for(config, path=self.hf_folder)
+            gguf_of = {self.family.hf_to_gguf(n): n for n in shapes}
             for ft in types:
                 arch, metadata, tensors = plan_source(self.source, self.hf_folder, ft)
                 f = GGUFFile(gguf_path(self.hf_folder, ft), arch, metadata, tensors)
@@ -139,8 +140,7 @@ class GGUFOutputs:
 
     def rows_streamable(self, name: str) -> bool:
         """Whether ``name`` can go out a block of rows at a time: stored unpermuted, row for row."""
-        permuted = any(name.endswith(suffix) for suffix in llama.PERMUTED)
-        return not permuted and all(tuple(ot.shape) == self.source.shape(name) for _, ot in self._by_hf.get(name, []))
+        return not self.family.transformed(name) and all(tuple(ot.shape) == self.source.shape(name) for _, ot in self._by_hf.get(name, []))
 
     def put_rows(self, name: str, r0: int, rows: torch.Tensor, last: bool) -> None:
         """Rows ``r0…`` of a streamed output tensor, encoded per file (rows are quantized independently)."""

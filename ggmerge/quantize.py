@@ -26,7 +26,8 @@ import numpy as np
 
 from .errors import GGMergeError
 from .convert.quants.ftypes import FileType, parse_ftype
-from .convert.quants.policy import Choice, Hparams, choose_types, llama_order
+from .arch import family_for, quant_hparams_from_kv
+from .convert.quants.policy import Choice, choose_types, llama_order
 
 log = logging.getLogger(__name__)
 
@@ -213,21 +214,6 @@ def default_output(src: Path, ft: FileType) -> Path:
 
 # --- planning: (arch, metadata callback, tensors) ------------------------------------------------
 
-def hparams_from_kv(arch: str, get: Callable[[str], object]) -> Hparams:
-    """The hyper-parameters the type rules read, from GGUF metadata (``{arch}.block_count``, …)."""
-    def first(v):
-        return v[0] if isinstance(v, (list, tuple)) and v else v
-
-    n_layer = first(get(f"{arch}.block_count"))
-    if n_layer is None:
-        raise GGMergeError(f"metadata has no '{arch}.block_count'", key=f"{arch}.block_count")
-    n_head = first(get(f"{arch}.attention.head_count")) or 0
-    n_head_kv = first(get(f"{arch}.attention.head_count_kv"))
-    return Hparams(n_layer=int(n_layer), n_head=int(n_head),
-                   n_head_kv=int(n_head if n_head_kv is None else n_head_kv),
-                   n_expert=int(first(get(f"{arch}.expert_count")) or 0), arch=arch)
-
-
 def _report(choices: dict[str, Choice], ft: FileType, where: Path) -> None:
     """Warn for each fallback (llama.cpp prints these too); summarise the mixture."""
     n_fb = 0
@@ -257,7 +243,7 @@ def _plan_gguf(path: Path, ft: FileType):
     arch = get("general.architecture")
     if not arch:
         raise GGMergeError("GGUF has no general.architecture", path=path, key="general.architecture")
-    hp = hparams_from_kv(arch, get)
+    hp = quant_hparams_from_kv(arch, get)
     by_name = {t.name: t for t in reader.tensors}
     shapes = {n: tuple(int(x) for x in reversed(t.shape.tolist())) for n, t in by_name.items()}
     choices = choose_types(ft, [(n, shapes[n], t.tensor_type) for n, t in by_name.items()], hp)
@@ -378,11 +364,12 @@ def plan_source(source, folder: Path, ft: FileType):
     base_meta, planned = plan_gguf(source, read_hf(tdir), source.config(), "bf16",
                                    name=folder.resolve().name)
 
-    probe = gguf.GGUFWriter(None, "llama")
+    family = family_for(source.config(), path=folder)
+    probe = gguf.GGUFWriter(None, family.gguf_arch)
     base_meta(probe)
     kv = {k: v.value for k, v in probe.kv_data[0].items()}
-    arch = kv.get("general.architecture", "llama")
-    hp = hparams_from_kv(arch, kv.get)
+    arch = family.gguf_arch
+    hp = family.quant_hparams(kv.get)
     choices = choose_types(ft, [(t.name, t.shape, t.qtype) for t in planned], hp)
     _report(choices, ft, folder)
 

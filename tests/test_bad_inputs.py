@@ -795,7 +795,7 @@ def case_gguf_alignment_not_power_of_two(env):
 
 @case
 def case_gguf_unsupported_architecture(env):
-    return _gguf_case(env, "convert", B.tiny_llama_gguf(arch="qwen2"), "unsupported GGUF architecture 'qwen2'",
+    return _gguf_case(env, "convert", B.tiny_llama_gguf(arch="falcon"), "unsupported GGUF architecture 'falcon'",
                       names=("key 'general.architecture'",))
 
 

@@ -373,7 +373,7 @@ def test_rope_scaling(tiny_mistral, seed_ids, reference, tmp_path, kind):
     # and the reverse: the GGUF's config, read by transformers, has the same RoPE
     from transformers import LlamaConfig
 
-    from ggmerge.convert.hparams import config_from_gguf
+    from ggmerge.arch import config_from_gguf
 
     back = LlamaConfig.from_dict(config_from_gguf(reader(out)))
     assert back.rope_parameters == LlamaConfig.from_dict(cfg).rope_parameters
@@ -427,8 +427,8 @@ def _variant(src, dst, edit):
 
 
 def test_refuses_unsupported_architecture(tiny_mistral, tmp_path):
-    hf = _variant(tiny_mistral, tmp_path / "qwen", lambda c: c.update(architectures=["Qwen2ForCausalLM"]))
-    with pytest.raises(GGMergeError, match="Qwen2ForCausalLM") as exc:
+    hf = _variant(tiny_mistral, tmp_path / "falcon", lambda c: c.update(architectures=["FalconForCausalLM"]))
+    with pytest.raises(GGMergeError, match="FalconForCausalLM") as exc:
         convert_hf(hf, tmp_path / "x.gguf")
     assert exc.value.key == "architectures" and exc.value.path is not None
     assert not (tmp_path / "x.gguf").exists()

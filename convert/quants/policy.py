@@ -19,12 +19,12 @@ fallbacks are flagged so callers can warn about each of them.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Iterable, NamedTuple, Sequence
 
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
+from ggmerge.arch import QuantHparams as Hparams  # the facts the rules read live with the families
 from ggmerge.errors import GGMergeError
 
 from .ftypes import FileType, parse_ftype
@@ -38,28 +38,6 @@ class Choice(NamedTuple):
     fallback: bool = False
     #: False for tensors llama.cpp never quantizes (1-D, norms, …): they keep their stored type
     quantizable: bool = True
-
-
-@dataclass(frozen=True)
-class Hparams:
-    """The model hyper-parameters llama.cpp's rules read (``llama_hparams`` / ``llm_type``)."""
-
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    n_expert: int = 0
-    arch: str = "llama"
-
-    @property
-    def n_gqa(self) -> int:
-        # llama_hparams::n_gqa: 0 when there are no KV heads
-        return self.n_head // self.n_head_kv if self.n_head_kv else 0
-
-    @property
-    def is_70b(self) -> bool:
-        # llm_type detection for the llama architecture (src/models/llama.cpp): 80 layers with
-        # GQA is "70B"; only that type changes a rule (attn_v gets Q5_K)
-        return self.arch == "llama" and self.n_layer == 80 and self.n_head != self.n_head_kv
 
 
 # --- which tensors are quantized at all (tensor_allows_quantization) -----------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..arch import family_for
+from ..arch import TIED_HEAD, Family, family_for, served_name
 from ..errors import GGMergeError, raise_all
 from ..tokenizer.vocab import Vocab
 from .params import resolve_all
@@ -53,8 +53,8 @@ class StageInfo:
     #: per input ref: merged-id → that input's row (or -1); None when no remapping is needed
     row_maps: dict[str, np.ndarray] | None
     jobs: dict[str, TensorJob] = field(default_factory=dict)
-    #: family module (names, permutations, vocab tensors)
-    family: object = None
+    #: the architecture family (names, vocab tensors, post tensors): :mod:`ggmerge.arch`
+    family: Family | None = None
 
     @property
     def tensor_names(self) -> list[str]:
@@ -89,16 +89,15 @@ class Inputs:
         names = set(self.names(ref))
         if name in names:
             return True
-        return (name == "lm_head.weight" and "model.embed_tokens.weight" in names and not self.is_stage(ref)
+        head, embed = TIED_HEAD
+        return (name == head and embed in names and not self.is_stage(ref)
                 and bool(self.sources[ref].config().get("tie_word_embeddings")))
 
     def shape(self, ref: str, name: str) -> tuple[int, ...]:
         if self.is_stage(ref):
             return self.info(ref).jobs[name].shape
         src = self.sources[ref]
-        if name == "lm_head.weight" and name not in src.names():
-            name = "model.embed_tokens.weight"
-        return tuple(src.shape(name))
+        return tuple(src.shape(served_name(name, src.names())))
 
     def config(self, ref: str) -> dict:
         return self.info(ref).config if self.is_stage(ref) else self.sources[ref].config()
@@ -230,7 +229,11 @@ def plan_stage(st: Stage, inputs: Inputs) -> StageInfo:
     config = dict(inputs.config(anchor))
     family = family_for(config, path=inputs.where(anchor))
     for ref in st.inputs():
-        family_for(inputs.config(ref), path=inputs.where(ref))
+        other = family_for(inputs.config(ref), path=inputs.where(ref))
+        if other is not family:
+            raise GGMergeError(f"stage '{st.label}' merges a {other.gguf_arch} model with a {family.gguf_arch} "
+                               f"one ({inputs.where(anchor)}); models of one architecture only",
+                               path=inputs.where(ref), key="architectures")
 
     vocab, row_maps = _plan_vocab(st, inputs, config)
     info = StageInfo(stage=st, config=config, vocab=vocab, row_maps=row_maps, family=family)
@@ -251,7 +254,7 @@ def plan_stage(st: Stage, inputs: Inputs) -> StageInfo:
         for key, tid in (("bos_token_id", vocab.bos_id), ("eos_token_id", vocab.eos_id), ("pad_token_id", vocab.pad_id)):
             if tid is not None:
                 config[key] = tid
-    config["tie_word_embeddings"] = "lm_head.weight" not in info.jobs
+    config["tie_word_embeddings"] = TIED_HEAD[0] not in info.jobs
     return info
 
 
@@ -299,13 +302,13 @@ def _check_required(st: Stage, job: TensorJob, recipe_path) -> None:
 def _plan_models_form(st: Stage, inputs: Inputs, info: StageInfo, anchor: str, out_rows):
     n_layers = int(info.config.get("num_hidden_layers", 0))
     for name in inputs.names(anchor):
-        if any(rx.match(name) for rx in info.family.IGNORED):
+        if info.family.is_ignored(name):
             continue
         m = _LAYER.match(name)
         layer = int(m.group(2)) if m else None
         ops = _operands_for(st, st.models, st.base, lambda _m, n=name: n)
         job = TensorJob(name=name, shape=(), operands=ops, slice_params={}, layer=layer, span=n_layers,
-                        vocab_rows=name in info.family.VOCAB_TENSORS)
+                        vocab_rows=name in info.family.vocab_tensors)
         job.shape = _check_shapes(job, inputs, info, out_rows)
         info.jobs[name] = job
     for job in list(info.jobs.values())[:1]:
@@ -320,11 +323,11 @@ def _plan_slices_form(st: Stage, inputs: Inputs, info: StageInfo, out_rows):
     out_layer = 0
     pending_post = []
     for n in layer_free:
-        post = n in ("model.norm.weight", "lm_head.weight")
+        post = n in info.family.post_tensors
         sl = last if post else first
         job = TensorJob(name=n, shape=(), operands=_operands_for(st, sl.sources, sl.base, lambda _m, n=n: n),
                         slice_params=dict(sl.params), layer=None, span=1,
-                        vocab_rows=n in info.family.VOCAB_TENSORS)
+                        vocab_rows=n in info.family.vocab_tensors)
         if post:
             pending_post.append(job)  # written after the layers, as in the model
         else:
@@ -392,7 +395,7 @@ def _check_extra_tensors(st: Stage, inputs: Inputs, info: StageInfo) -> None:
     expected = set(info.jobs)
     for ref in st.inputs():
         extra = [n for n in inputs.names(ref) if n not in expected
-                 and not any(rx.match(n) for rx in info.family.IGNORED)]
+                 and not info.family.is_ignored(n)]
         if extra:
             log.warning("%s: %d tensor(s) not in the base model are ignored (e.g. %s)",
                         inputs.where(ref), len(extra), extra[0])
@@ -415,8 +418,8 @@ def _plan_vocab(st: Stage, inputs: Inputs, config: dict):
                                path=inputs.where(r))
         vocabs.append(v)
     # tokens past an input's embedding rows have no row: drop them, as mergekit does
-    n_rows = [inputs.shape(r, "model.embed_tokens.weight")[0] if "model.embed_tokens.weight" in inputs.names(r)
-              else None for r in refs]
+    embed = TIED_HEAD[1]
+    n_rows = [inputs.shape(r, embed)[0] if embed in inputs.names(r) else None for r in refs]
     if src == "union":
         merged, maps = union_mod.union_vocab(vocabs, base=refs.index(anchor), n_rows=n_rows)
     else:

@@ -5,10 +5,11 @@ tensor bytes are read with plain ``readinto`` calls into a fresh buffer when a t
 dequantized. Not through the map: pages of a mapped file, once touched, count in the resident set
 until the mapping goes away, so dequantizing a whole model from the map would make peak RSS grow to
 the file's size; read into a buffer, the bytes live in the page cache (not RSS) and in memory only
-while the tensor does. Names are mapped back to Hugging Face names with
-``ggmerge.arch.llama``; shapes are reported in HF order (GGUF lists ``ne0`` — the row length — first);
-Q and K are un-permuted from llama.cpp's interleaved RoPE layout (the inverse of
-``convert_hf_to_gguf.py``'s ``LlamaModel.permute``) using the head counts stored in the file.
+while the tensor does. The file's ``general.architecture`` picks the family (:mod:`ggmerge.arch`),
+which maps names back to Hugging Face names and undoes what the converter did to values
+(``Family.from_gguf``: for llama, Q and K un-permuted from llama.cpp's interleaved RoPE layout, the
+inverse of ``convert_hf_to_gguf.py``'s ``LlamaModel.permute``, with the head counts stored in the
+file); shapes are reported in HF order (GGUF lists ``ne0`` — the row length — first).
 The config and the tokenizer folder are synthesised from the GGUF metadata.
 """
 from __future__ import annotations
@@ -26,15 +27,11 @@ import gguf
 import numpy as np
 import torch
 
-from ..arch import llama
+from ..arch import DERIVED, family_for_gguf
 from ..errors import GGMergeError, did_you_mean
 from .gguf_data import read_tensor_data
 
 log = logging.getLogger(__name__)
-
-#: GGUF tensors that llama.cpp's converter derives from config values (e.g. llama-3 rope scaling
-#: frequency factors); HF recomputes them from config.json, so they are not tensors of the model.
-DERIVED = ("rope_freqs.weight",)
 
 _Q = gguf.GGMLQuantizationType
 
@@ -74,24 +71,21 @@ def field(reader: gguf.GGUFReader, key: str, default=None):
 
 
 class GGUFSource:
-    """A GGUF file of the ``llama`` architecture, seen under HF names and layout."""
+    """A GGUF file of a supported architecture (:mod:`ggmerge.arch`), seen under HF names and layout."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.reader = open_reader(self.path)
-        arch = field(self.reader, "general.architecture")
-        if arch != llama.GGUF_ARCH:
-            raise GGMergeError(
-                f"unsupported GGUF architecture '{arch}' (ggmerge reads '{llama.GGUF_ARCH}': "
-                "Llama, Mistral and their relatives)", path=self.path, key="general.architecture")
+        self.family = family_for_gguf(field(self.reader, "general.architecture"), path=self.path)
         self._tensors: dict[str, object] = {}
         for t in self.reader.tensors:
             if t.name in DERIVED:
                 log.debug("%s: skipping %s (derived from config by HF)", self.path, t.name)
                 continue
-            hf = llama.gguf_to_hf(t.name)
+            hf = self.family.gguf_to_hf(t.name)
             if hf is None:
-                raise GGMergeError("tensor has no Hugging Face counterpart in the llama architecture",
+                raise GGMergeError(f"tensor has no Hugging Face counterpart in the {self.family.gguf_arch} "
+                                   "architecture",
                                    path=self.path, tensor=t.name)
             if not dequantizable(t.tensor_type):
                 raise GGMergeError(
@@ -109,16 +103,16 @@ class GGUFSource:
         self._cleanup: weakref.finalize | None = None
 
     def _head_counts(self) -> dict:
-        a = llama.GGUF_ARCH
+        a = self.family.gguf_arch
         n_head = field(self.reader, f"{a}.attention.head_count")
         n_kv = field(self.reader, f"{a}.attention.head_count_kv", n_head)
         if n_head is None:
             raise GGMergeError("missing metadata: Q/K cannot be un-permuted without the head count",
                                path=self.path, key=f"{a}.attention.head_count")
-        # head_count_kv may be stored per layer; the llama family uses one value for all layers
+        # head_count_kv may be stored per layer; the supported families use one value for all layers
         if isinstance(n_kv, list):
             if len(set(n_kv)) != 1:
-                raise GGMergeError("per-layer KV head counts differ; not a llama-family model",
+                raise GGMergeError(f"per-layer KV head counts differ; not a {self.family.title} model",
                                    path=self.path, key=f"{a}.attention.head_count_kv")
             n_kv = n_kv[0]
         return {"num_attention_heads": int(n_head), "num_key_value_heads": int(n_kv)}
@@ -175,14 +169,7 @@ class GGUFSource:
                 arr = np.array(arr, dtype=np.float32, order="C")
             w = torch.from_numpy(arr.reshape(self.shape(name)))
         del data
-        n_head = llama.heads_for_permute(name, self._heads)
-        if n_head is not None:
-            if n_head <= 0 or w.shape[0] % (2 * n_head):
-                raise GGMergeError(f"{w.shape[0]} rows cannot be split into {n_head} RoPE heads of even size; "
-                                   "the head count in the metadata does not fit this tensor",
-                                   path=self.path, tensor=t.name, key=f"{llama.GGUF_ARCH}.attention.head_count")
-            w = llama.unpermute(w, n_head)
-        return w
+        return self.family.from_gguf(name, w, self._heads, path=self.path, gguf_name=t.name)
 
     def config(self) -> dict:
         if self._config is None:
@@ -190,10 +177,8 @@ class GGUFSource:
         return dict(self._config)
 
     def _build_config(self) -> dict:
-        from ..convert.hparams import config_from_gguf
-
         try:
-            cfg = dict(config_from_gguf(self.reader))
+            cfg = dict(self.family.config_from_gguf(self.reader))
         except GGMergeError as exc:
             if exc.path is None:
                 exc.path = self.path

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..arch import llama
+from ..arch import is_ignored
 from ..errors import GGMergeError, did_you_mean
 from .readat import read_at
 
@@ -94,7 +94,7 @@ class SafetensorsSource:
         self._lock = threading.Lock()
         self._shard_of: dict[str, Path] = {}
         for name, shard in shard_of.items():
-            if any(rx.match(name) for rx in llama.IGNORED):
+            if is_ignored(name):
                 log.debug("%s: ignoring %s (recomputed by the model)", shard, name)
                 continue
             self._shard_of[name] = shard
