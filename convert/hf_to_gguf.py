@@ -221,7 +221,7 @@ def plan_gguf(
     def metadata(writer: gguf.GGUFWriter) -> None:
         fam.write_kvs(writer, hp, name=name, file_type=file_type)
         try:
-            write_vocab(writer, vocab, n_rows)
+            write_vocab(writer, fam.gguf_vocab(vocab), n_rows)
         except GGMergeError as exc:
             exc.path = exc.path or where
             raise

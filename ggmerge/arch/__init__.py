@@ -53,10 +53,10 @@ from __future__ import annotations
 
 from ..errors import GGMergeError, did_you_mean
 from .base import DERIVED, TIED_HEAD, Family, Hparams, QuantHparams, quant_hparams_from_kv  # noqa: F401
-from . import llama, qwen2
+from . import gemma, llama, phi3, qwen2
 
 #: every supported family
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen2.QWEN2, qwen2.QWEN3)
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen2.QWEN2, qwen2.QWEN3, gemma.GEMMA2, gemma.GEMMA3, phi3.PHI3)
 
 #: HF ``architectures`` entry → family
 BY_HF: dict[str, Family] = {a: f for f in FAMILIES for a in f.hf_architectures}

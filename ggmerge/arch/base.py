@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 HF_ROPE_KEY = "ggmerge.hf_rope_parameters"
 
 #: GGUF tensors that llama.cpp's converter derives from config values (llama-3 RoPE scaling
-#: frequency factors); HF recomputes them from config.json, so they are not tensors of the model
-DERIVED = ("rope_freqs.weight",)
+#: frequency factors, Phi-3's LongRoPE factors); HF keeps them in config.json, so they are not
+#: tensors of the model
+DERIVED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 #: (head, embedding): a model without the head ties it to the embedding (every family names them so)
 TIED_HEAD = ("lm_head.weight", "model.embed_tokens.weight")
@@ -245,6 +246,17 @@ class Family:
     rope_types: tuple[str, ...] = ("default", "linear", "yarn", "llama3", "dynamic")
     #: truthy config keys that mean tensors this family cannot hold: key → message
     refused_config: dict[str, str] = {}
+    #: ``tokenizer.ggml.add_space_prefix`` llama.cpp's converter forces for this family (None: the
+    #: tokenizer's own setting)
+    add_space_prefix: bool | None = None
+
+    def gguf_vocab(self, vocab):
+        """The vocabulary as this family's GGUF stores it (Gemma: no dummy-prefix space)."""
+        import dataclasses
+
+        if self.add_space_prefix is None or vocab.add_space_prefix == self.add_space_prefix:
+            return vocab
+        return dataclasses.replace(vocab, add_space_prefix=self.add_space_prefix)
 
     # -- names ----------------------------------------------------------------------------------
     def __init__(self) -> None:
