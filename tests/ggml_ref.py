@@ -39,6 +39,23 @@ class _TypeTraits(ctypes.Structure):
     ]
 
 
+class _GGUFInitParams(ctypes.Structure):
+    # struct gguf_init_params in ggml/include/gguf.h
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+def gguf_tensor_names(path) -> list[str] | None:
+    """Tensor names as libggml's own ``gguf_init_from_file`` reads them, or None if it refuses the file."""
+    lib = _lib()
+    ctx = lib.gguf_init_from_file(os.fsencode(path), _GGUFInitParams(True, None))
+    if not ctx:
+        return None
+    try:
+        return [lib.gguf_get_tensor_name(ctx, i).decode() for i in range(lib.gguf_get_n_tensors(ctx))]
+    finally:
+        lib.gguf_free(ctx)
+
+
 def lib_dir() -> str:
     return os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
 
@@ -58,6 +75,13 @@ def _lib() -> ctypes.CDLL:
     ]
     lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
     lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    lib.gguf_init_from_file.restype = ctypes.c_void_p
+    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GGUFInitParams]
+    lib.gguf_free.argtypes = [ctypes.c_void_p]
+    lib.gguf_get_n_tensors.restype = ctypes.c_int64
+    lib.gguf_get_n_tensors.argtypes = [ctypes.c_void_p]
+    lib.gguf_get_tensor_name.restype = ctypes.c_char_p
+    lib.gguf_get_tensor_name.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     lib.ggml_row_size.restype = ctypes.c_size_t
     lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
     return lib
@@ -67,13 +91,18 @@ def type_traits(qtype: GGMLQuantizationType) -> _TypeTraits:
     return _lib().ggml_get_type_traits(int(qtype)).contents
 
 
-def ref_quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """Bytes of ``ggml_quantize_chunk(qtype, data, start=0, nrows, n_per_row, imatrix=NULL)``.
+def ref_quantize(data: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Bytes of ``ggml_quantize_chunk(qtype, data, start=0, nrows, n_per_row, imatrix)``.
 
     ``data`` is float32 of shape (..., n_per_row); the result is uint8 of shape
     (..., n_per_row // block_size * type_size), the layout GGUF stores. Single-threaded.
+    ``imatrix`` (float32, n_per_row) is the importance weights llama-quantize passes; None = NULL.
     """
     x = np.ascontiguousarray(data, dtype=np.float32)
+    qw = None
+    if imatrix is not None:
+        qw = np.ascontiguousarray(imatrix, dtype=np.float32)
+        assert qw.shape == (x.shape[-1],), qw.shape
     n_per_row = x.shape[-1]
     nrows = x.size // n_per_row if n_per_row else 0
     block_size, type_size = GGML_QUANT_SIZES[qtype]
@@ -86,7 +115,8 @@ def ref_quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     if nrows:
         # ggml_quantize_chunk calls ggml_quantize_init itself (a no-op for the types without an imatrix)
         written = lib.ggml_quantize_chunk(
-            int(qtype), x.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, None)
+            int(qtype), x.ctypes.data, out.ctypes.data, 0, nrows, n_per_row,
+            None if qw is None else qw.ctypes.data)
         assert written == nrows * row_bytes, (written, nrows * row_bytes)
     return out
 
