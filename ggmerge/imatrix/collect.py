@@ -13,7 +13,8 @@ tools/imatrix/imatrix.cpp:
   is neither ``blk.*`` nor ``output.weight``, so it is never collected;
 - ``chunk_count`` is the number of chunks and ``chunk_size`` is ``n_ctx``.
 
-Sums are kept in float64 here (llama.cpp adds float32 in row order); the file stores float32.
+Each chunk's rows are summed in float32 and the chunks accumulated in float64 (llama.cpp adds float32 in
+row order); the file stores float32.
 """
 from __future__ import annotations
 
@@ -55,8 +56,9 @@ class Collector:
         g = self._gguf_name(hf_name)
         if g is None:
             return
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        s = (x2 * x2).sum(dim=0)
+        x2 = x.reshape(-1, x.shape[-1])
+        # one call's rows (a chunk) summed in float32, calls accumulated in float64
+        s = (x2 * x2).sum(dim=0).to(torch.float64)
         if not torch.isfinite(s).all():
             raise GGMergeError("non-finite activations", tensor=g)
         if g in self.sums:
