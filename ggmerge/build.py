@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
+from . import __version__, procstats
 from .errors import GGMergeError
 from .fingerprint import combined, fingerprint, sha256_file
 from .recipe.plan import Inputs, StageInfo, plan_recipe
@@ -95,18 +95,7 @@ def memory_estimate(p: Prepared, threads: int | None = None) -> int:
             continue
         window = (window + [foot + _numel(job.shape) * itemsize])[-(threads + 1):]
         worst = max(worst, sum(window))
-    return _rss_anon() + worst
-
-
-def _rss_anon() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return 0
+    return procstats.rss_anon_file()[0] + worst
 
 
 def describe(p: Prepared, threads: int | None = None) -> dict:

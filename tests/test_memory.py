@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ggmerge import procstats
 from ggmerge.miniature import config, tensor_shapes, write_tokenizer
 from ggmerge.writers.hf import HFWriter
 
@@ -37,13 +38,8 @@ COPIES = 6
 
 def _extra_rss(args: list, cwd: Path) -> tuple[int, int]:
     """(peak RSS of ``ggmerge ARGS`` in a child, peak RSS of a child importing the same modules), measured
-    by the memory benchmark's own launcher (tools/bench_memory.py: one implementation of the method)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    try:
-        from bench_memory import run_ggmerge
-    finally:
-        sys.path.pop(0)
-    m = run_ggmerge([str(a) for a in args], cwd)
+    as the memory benchmark measures them (ggmerge/procstats.py)."""
+    m = procstats.measure_ggmerge([str(a) for a in args], cwd)
     return m["maxrss"], m["baseline"]
 
 

@@ -34,14 +34,14 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from ggmerge import procstats  # noqa: E402
 
 MB = 1e6
 
@@ -179,108 +179,21 @@ def gguf_stats(path: Path) -> tuple[int, int]:
 
 
 # --- measuring one subprocess ---------------------------------------------------------------------
-
-#: runs the ggmerge CLI, then records every module the run imported (the baseline imports the same)
-DRIVER = """\
-import json, sys
-from ggmerge.cli import main
-rc = main(sys.argv[2:])
-json.dump([m for m in sys.modules if m != "__main__"], open(sys.argv[1], "w"))
-sys.exit(rc)
-"""
-
-#: imports the given modules, in the order the run imported them, and does nothing else
-IMPORTS_ONLY = """\
-import importlib, json, sys
-for m in json.load(open(sys.argv[1])):
-    if m not in sys.modules:
-        try:
-            importlib.import_module(m)
-        except BaseException:  # noqa: BLE001 - a module only importable in its original context
-            pass
-"""
-
-
-#: A small launcher between us and the measured command. A child's ru_maxrss starts at its parent's
-#: resident set when it was spawned (Linux records the forked address space's high-water mark at exec),
-#: and this script holds the generated models' memory: measured directly, every pass would report at
-#: least our own size. ``python -S`` forking and waiting is ~10 MB.
-LAUNCHER = """\
-import os, sys
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execv(sys.argv[2], sys.argv[2:])
-    finally:
-        os._exit(127)
-_, status, ru = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as f:
-    f.write(f"{ru.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
-"""
-
-
-def rss_anon_file(pid: int) -> tuple[int, int]:
-    """The one /proc reader, shared with tools/bench (a script folder, not a package)."""
-    sys.path.insert(0, str(ROOT / "tools" / "bench"))
-    try:
-        from launch import rss_anon_file as read
-    finally:
-        sys.path.pop(0)
-    return read(pid)
-
-
-class Sampler(threading.Thread):
-    """Peaks of RssAnon and RssFile of the launcher's child (ru_maxrss cannot tell them apart)."""
-
-    def __init__(self, launcher_pid: int):
-        super().__init__(daemon=True)
-        self.launcher, self.pid, self.anon, self.file = launcher_pid, None, 0, 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                if self.pid is None:
-                    with open(f"/proc/{self.launcher}/task/{self.launcher}/children") as f:
-                        kids = f.read().split()
-                    self.pid = int(kids[0]) if kids else None
-                if self.pid is not None:
-                    anon, file = rss_anon_file(self.pid)
-                    self.anon, self.file = max(self.anon, anon), max(self.file, file)
-            except (OSError, ValueError):
-                pass
-            self.stop.wait(0.02)
+# (ggmerge/procstats.py: the launcher, the RSS sampler and the import baseline, shared with the tests)
 
 
 def measure(argv: list[str], cwd: Path | None = None) -> dict:
-    """Run ``argv`` through the launcher; its peak RSS (ru_maxrss), sampled anon/file peaks, wall time."""
-    env = dict(os.environ, GGMERGE_PROGRESS="0", PYTHONPATH=str(ROOT))
-    with tempfile.NamedTemporaryFile("r", suffix=".rusage") as res, tempfile.TemporaryFile() as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, res.name, *map(str, argv)], cwd=cwd,
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
-        s = Sampler(proc.pid)
-        s.start()
-        proc.wait()
-        wall = time.perf_counter() - t0
-        s.stop.set()
-        s.join()
-        maxrss, rc = (int(x) for x in res.read().split())
-        if proc.returncode or rc:
-            out.seek(0)
-            sys.stderr.write(out.read().decode(errors="replace")[-5000:])
-            raise SystemExit(f"failed ({rc}): {' '.join(map(str, argv))}")
-    return {"maxrss": maxrss * 1024, "anon": s.anon, "file": s.file, "wall": wall}
+    try:
+        return procstats.measure(argv, cwd, env={"PYTHONPATH": str(ROOT)})
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
 def run_ggmerge(args: list[str], cwd: Path | None = None) -> dict:
-    """Measure one ggmerge CLI run, then its import baseline: a subprocess importing the same modules."""
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as mods:
-        m = measure([sys.executable, "-c", DRIVER, mods.name, "-q", *map(str, args)], cwd)
-        b = measure([sys.executable, "-c", IMPORTS_ONLY, mods.name], cwd)
-        m["torch"] = "torch" in json.load(open(mods.name))
-    m["baseline"] = b["maxrss"]
-    return m
+    try:
+        return procstats.measure_ggmerge(args, cwd, env={"PYTHONPATH": str(ROOT)})
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
 def torch_baseline() -> int:

@@ -5,8 +5,8 @@
 Run by ``run.py`` as a fresh process per measurement, so that ``RUSAGE_CHILDREN`` (whose ``ru_maxrss`` is
 the largest resident set of any waited-for descendant) and this process's ``/proc/self/io`` (which, once
 the child is reaped, includes the child's and its descendants' I/O — the kernel adds them to the parent
-on ``wait``) describe exactly this command and nothing measured before it. Standard library only, so any
-interpreter can run it.
+on ``wait``) describe exactly this command and nothing measured before it. The /proc readers are
+ggmerge/procstats.py's, shared with the memory tests.
 
 Fields: ``wall`` s, ``cpu`` s (user+sys), ``user``, ``sys``, ``maxrss`` bytes, ``rchar``/``wchar``
 (bytes passed through read/write syscalls: page-cache hits count, memory-mapped reads do NOT),
@@ -20,51 +20,9 @@ import json
 import resource
 import subprocess
 import sys
-import threading
 import time
 
-
-def _io() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/io") as f:
-        for line in f:
-            k, v = line.split(":")
-            out[k.strip()] = int(v)
-    return out
-
-
-def rss_anon_file(pid: int) -> tuple[int, int]:
-    """(RssAnon, RssFile) of ``pid`` in bytes, from /proc/PID/status (ru_maxrss cannot tell them apart)."""
-    anon = file = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                anon = int(line.split()[1]) * 1024
-            elif line.startswith("RssFile:"):
-                file = int(line.split()[1]) * 1024
-    return anon, file
-
-
-class RssSampler(threading.Thread):
-    """Peaks of RssAnon and RssFile of the child, polled from /proc/PID/status every 50 ms.
-
-    ru_maxrss counts file pages mapped into the process too: a tool that memory-maps its inputs shows
-    them in its peak RSS although the kernel can drop them at any time. Anonymous memory (heap,
-    tensors) is what really has to fit, so both are recorded."""
-
-    def __init__(self, pid: int):
-        super().__init__(daemon=True)
-        self.pid, self.anon, self.file = pid, 0, 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                anon, file = rss_anon_file(self.pid)
-                self.anon, self.file = max(self.anon, anon), max(self.file, file)
-            except (OSError, ValueError):
-                pass
-            self.stop.wait(0.05)
+from ggmerge.procstats import RssSampler, io_counters
 
 
 def main() -> int:
@@ -73,7 +31,7 @@ def main() -> int:
         return 2
     out_json, log_path, cmd = sys.argv[1], sys.argv[2], sys.argv[4:]
     with open(log_path, "ab") as log:
-        io0 = _io()
+        io0 = io_counters()
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -84,7 +42,7 @@ def main() -> int:
         sampler.stop.set()
         sampler.join()
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-        io1 = _io()
+        io1 = io_counters()
     user, sys_ = ru.ru_utime - ru0.ru_utime, ru.ru_stime - ru0.ru_stime
     rec = {
         "wall": wall, "cpu": user + sys_, "user": user, "sys": sys_,
