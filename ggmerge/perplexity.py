@@ -147,13 +147,25 @@ def ref_with_forward_pass(source, chunks: Chunks, ref: RefLogProbs,
            on_logits=lambda i, logits: ref.put(i, logits.numpy()))
 
 
-def llamacpp_chunk_logits(path: Path, chunks: Chunks, **load_kw):
+def file_type_name(value) -> str:
+    import gguf
+
+    try:
+        return gguf.LlamaFileType(int(value)).name.replace("MOSTLY_", "")
+    except (TypeError, ValueError):
+        return "?" if value is None else str(value)
+
+
+def llamacpp_chunk_logits(path: Path, chunks: Chunks, info: dict | None = None, **load_kw):
     """Yield (i, scored logits) of every chunk, each window evaluated alone from an empty cache, as
-    llama-perplexity does (it batches several windows as separate sequences: the same computation)."""
+    llama-perplexity does (it batches several windows as separate sequences: the same computation).
+    ``info`` receives the file's ``file_type`` (from llama.cpp's metadata: no second parse of the file)."""
     from .llamacpp import load
 
     llm = load(path, n_ctx=chunks.ctx, logits_all=True, n_batch=chunks.ctx, **load_kw)
     try:
+        if info is not None:
+            info["file_type"] = file_type_name(llm.metadata.get("general.file_type"))
         if llm.n_vocab() <= 0:
             raise GGMergeError("has no vocabulary", path=path)
         sc = chunks.scored()

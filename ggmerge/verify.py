@@ -212,14 +212,14 @@ def verify_text(paths: list[Path], *, ref: str | None, text_file: str, ctx: int 
             ref_seconds = time.perf_counter() - t0
         for p in paths:
             t0 = time.perf_counter()
-            kld, nll, top = [], [], []
+            kld, nll, top, info = [], [], [], {}
             with steps(f"{p.name} over {n} chunks", n) as bar:
-                for i, logits in px.llamacpp_chunk_logits(p, ch):
+                for i, logits in px.llamacpp_chunk_logits(p, ch, info):
                     k, l, s = px.score_chunk(ref_store, i, logits, ch.targets(i))
                     kld.append(k), nll.append(l), top.append(s)
                     bar.advance(1)
             fig = px.summary(px.Scores(np.stack(kld), np.stack(nll), np.stack(top)), ref_store.nll)
-            results.append(TextVerdict(gguf=str(p), file_type=_file_type(p), tokens_match=same[p],
+            results.append(TextVerdict(gguf=str(p), file_type=info["file_type"], tokens_match=same[p],
                                        seconds=time.perf_counter() - t0, **fig))
     finally:
         ref_store.close()
