@@ -55,6 +55,25 @@ def hf_logits(hf_dir: Path, text: str) -> tuple[list[int], np.ndarray]:
     return ids, logits
 
 
+def gguf_ref_logits(path: Path, text: str) -> tuple[list[int], np.ndarray]:
+    """A BF16/F16 GGUF as the reference: tokens from llama.cpp, logits from transformers through the
+    layer-wise forward pass (the GGUF dequantized, Q/K un-permuted)."""
+    import torch
+
+    from .forward import LayerwiseModel
+    from .llamacpp import load
+    from .sources import open_source
+
+    llm = load(path, vocab_only=True)
+    try:
+        ids = list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+    finally:
+        llm.close()
+    got = []
+    LayerwiseModel(open_source(path)).run(torch.tensor([ids]), on_logits=lambda i, x: got.append(x.numpy()))
+    return ids, got[0]
+
+
 def gguf_logits(path: Path, ids: list[int], text: str) -> tuple[list[int], np.ndarray]:
     from .llamacpp import load
 
@@ -109,7 +128,10 @@ def _verify_prompt(paths: list[Path], *, ref: str | None, text: str | None, as_j
 
     text = text or SEED_PROMPT_TURN2
     hf_dir = Path(ref) if ref else default_hf_for(paths[0])
-    ids, ref_logits = hf_logits(hf_dir, text)
+    if hf_dir.suffix.lower() == ".gguf":
+        ids, ref_logits = gguf_ref_logits(hf_dir, text)
+    else:
+        ids, ref_logits = hf_logits(hf_dir, text)
     results = []
     for p in paths:
         own_ids, got = gguf_logits(p, ids, text)

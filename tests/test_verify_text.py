@@ -132,3 +132,14 @@ def test_too_short_text_is_one_clear_error(tiny_ggufs, tmp_path):
     with pytest.raises(GGMergeError, match="needs at least 256"):
         imatrix(str(tiny_ggufs["F32"]), text_file=str(short), ctx=CTX, output=str(tmp_path / "x.gguf"))
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_prompt_mode_takes_a_gguf_reference(tiny_ggufs, tiny_mistral):
+    """One-prompt mode with --ref F32.gguf (run by the layer-wise forward pass) gives what --ref HF gives."""
+    from ggmerge.verify import verify
+
+    files = [str(tiny_ggufs["F32"]), str(tiny_ggufs["Q4_0"])]
+    by_gguf = verify(files, ref=str(tiny_ggufs["F32"]), text="The licence text says so.")
+    by_hf = verify(files, hf=str(tiny_mistral), text="The licence text says so.")
+    assert by_gguf[0].tokens_match and by_gguf[0].kl_mean < 1e-6
+    assert by_gguf[1].kl_mean == pytest.approx(by_hf[1].kl_mean, rel=1e-3)
