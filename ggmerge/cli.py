@@ -20,6 +20,8 @@ EPILOG = """examples:
   ggmerge convert model.Q4_K_M.gguf -o ./model-hf
   ggmerge inspect out/ninja.Q4_K_M.gguf
   ggmerge verify out/ninja.Q4_K_M.gguf --hf out/ninja
+  ggmerge verify out/ninja.Q4_K_M.gguf --ref out/ninja --text-file wiki.txt --chunks 50
+  ggmerge imatrix out/ninja --text-file calibration.txt -o ninja.imatrix.gguf
 """
 
 
@@ -86,10 +88,36 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path", help="a .gguf file or an HF model folder")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
 
-    v = sub.add_parser("verify", help="compare GGUF files in llama.cpp with the HF model in transformers")
+    v = sub.add_parser("verify", help="compare GGUF files in llama.cpp with the reference model: one prompt, "
+                                      "or perplexity / KL divergence over a text file",
+                       epilog="examples:\n  ggmerge verify out/m.Q4_K_M.gguf --ref out/m\n"
+                              "  ggmerge verify m.Q4_K_M.gguf m.Q6_K.gguf --ref m.F16.gguf --text-file wiki.txt "
+                              "--chunks 100 --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("gguf", nargs="+", help="GGUF file(s) to check")
-    v.add_argument("--hf", help="HF model folder (default: the build the GGUF came from)")
-    v.add_argument("--text", help="text to score (default: the seed's role-play prompt)")
+    v.add_argument("--ref", "--hf", dest="ref",
+                   help="reference: HF model folder or a BF16/F16 GGUF (default: the build the GGUF came from)")
+    v.add_argument("--text", help="one-prompt mode: text to score (default: the seed's role-play prompt)")
+    v.add_argument("--text-file", help="score this text file like llama-perplexity --kl-divergence: perplexity, "
+                                       "ΔPPL, KLD mean/median/p99/max, top-1 agreement")
+    v.add_argument("--ctx", type=int, default=512, help="tokens per chunk with --text-file (default 512)")
+    v.add_argument("--chunks", type=int, default=None, help="use at most this many chunks (default: all)")
+    v.add_argument("--ref-engine", default="auto", choices=("auto", "forward", "llama.cpp"),
+                   help="run the reference through ggmerge's layer-wise forward pass (one layer in memory; the "
+                        "default for HF folders) or llama.cpp (GGUF references; the default for them)")
+    v.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+
+    im = sub.add_parser("imatrix", help="compute an importance matrix (llama-imatrix's GGUF format) over a text",
+                        epilog="example: ggmerge imatrix out/m --text-file calibration.txt -o m.imatrix.gguf",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    im.add_argument("model", help="HF folder, .safetensors, .gguf or Hub id")
+    im.add_argument("--text-file", required=True, help="calibration text (UTF-8)")
+    im.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
+    im.add_argument("--chunks", type=int, default=None, help="use at most this many chunks (default: all)")
+    im.add_argument("-o", "--output", default="imatrix.gguf", help="output file (default: imatrix.gguf)")
+    im.add_argument("--process-output", action="store_true",
+                    help="also collect output.weight (llama-imatrix --process-output)")
+    im.add_argument("--force", action="store_true", help="overwrite an existing output")
 
     ch = sub.add_parser("chat", help="one Vicuna-format turn through llama.cpp (a smoke test)")
     ch.add_argument("gguf", help="GGUF file")
@@ -128,6 +156,9 @@ def _dispatch(args: argparse.Namespace):
     if args.verb == "verify":
         from .verify import verify
         return verify(**kw)
+    if args.verb == "imatrix":
+        from .imatrix.collect import imatrix
+        return imatrix(**kw)
     if args.verb == "chat":
         from .chat import chat
         return chat(**kw)

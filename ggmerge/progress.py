@@ -51,3 +51,31 @@ def track(description: str, total_bytes: int, total_tensors: int, *, enabled: bo
         task = p.add_task(description, total=max(total_bytes, 1))
         count = p.add_task("  tensors", total=max(total_tensors, 1))
         yield Tracker(p, task, count)
+
+
+class StepTracker:
+    """Advance by steps (chunks through a layer, …); ``note`` names the current step."""
+
+    def __init__(self, progress: Progress | None, task):
+        self._p, self._task = progress, task
+
+    def advance(self, n: int = 1, note: str | None = None) -> None:
+        if self._p is None:
+            return
+        self._p.advance(self._task, n)
+        if note is not None:
+            self._p.update(self._task, note=note)
+
+
+@contextlib.contextmanager
+def steps(description: str, total: int, *, enabled: bool = True) -> Iterator[StepTracker]:
+    """A bar counting ``total`` steps, with elapsed time and ETA (forward passes, scoring chunks)."""
+    if not enabled or not _enabled():
+        yield StepTracker(None, None)
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
+        console=console, transient=False,
+    ) as p:
+        yield StepTracker(p, p.add_task(description, total=max(total, 1), note=""))

@@ -40,3 +40,11 @@ def print_plan(d: dict, output: Path) -> None:
     out.print(f"disk needed for {output}: ~{human_bytes(d['disk_bytes'])}   "
               f"peak memory (estimate, anonymous): ~{human_bytes(d['peak_memory_bytes'])}")
     out.print("no intermediate model is written; nothing was written by this dry run.")
+
+
+def print_json(obj) -> None:
+    """Machine-readable output (``--json``): one JSON document on stdout, nothing else there."""
+    import json
+
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()

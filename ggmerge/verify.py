@@ -55,6 +55,25 @@ def hf_logits(hf_dir: Path, text: str) -> tuple[list[int], np.ndarray]:
     return ids, logits
 
 
+def gguf_ref_logits(path: Path, text: str) -> tuple[list[int], np.ndarray]:
+    """A BF16/F16 GGUF as the reference: tokens from llama.cpp, logits from transformers through the
+    layer-wise forward pass (the GGUF dequantized, Q/K un-permuted)."""
+    import torch
+
+    from .forward import LayerwiseModel
+    from .llamacpp import load
+    from .sources import open_source
+
+    llm = load(path, vocab_only=True)
+    try:
+        ids = list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+    finally:
+        llm.close()
+    got = []
+    LayerwiseModel(open_source(path)).run(torch.tensor([ids]), on_logits=lambda i, x: got.append(x.numpy()))
+    return ids, got[0]
+
+
 def gguf_logits(path: Path, ids: list[int], text: str) -> tuple[list[int], np.ndarray]:
     from .llamacpp import load
 
@@ -83,24 +102,46 @@ def compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float, floa
     return top1, float(kl.mean()), float(kl.max()), rel
 
 
-def verify(gguf: list[str], *, hf: str | None = None, text: str | None = None) -> list[Verdict]:
-    from .prompts import SEED_PROMPT_TURN2
-    from .report import out
+def verify(gguf: list[str], *, ref: str | None = None, hf: str | None = None, text: str | None = None,
+           text_file: str | None = None, ctx: int = 512, chunks: int | None = None, json: bool = False,
+           ref_engine: str = "auto"):
+    """Compare GGUF files with a reference model.
 
-    text = text or SEED_PROMPT_TURN2
+    Without ``text_file``: the one-prompt check below (transformers vs llama.cpp on the seed's prompt or
+    ``text``). With ``text_file``: perplexity and KL divergence over the text, chunked like
+    ``llama-perplexity --kl-divergence`` (:func:`verify_text`). ``hf`` is an alias of ``ref``.
+    """
+    ref = ref or hf
     paths = [Path(g) for g in gguf]
     for p in paths:
         if not p.is_file():
             raise GGMergeError("no such GGUF file", path=p)
-    hf_dir = Path(hf) if hf else default_hf_for(paths[0])
-    ids, ref = hf_logits(hf_dir, text)
+    if text_file is not None:
+        return verify_text(paths, ref=ref, text_file=text_file, ctx=ctx, chunks=chunks, as_json=json,
+                           ref_engine=ref_engine)
+    return _verify_prompt(paths, ref=ref, text=text, as_json=json)
+
+
+def _verify_prompt(paths: list[Path], *, ref: str | None, text: str | None, as_json: bool) -> list[Verdict]:
+    from .prompts import SEED_PROMPT_TURN2
+    from .report import out, print_json
+
+    text = text or SEED_PROMPT_TURN2
+    hf_dir = Path(ref) if ref else default_hf_for(paths[0])
+    if hf_dir.suffix.lower() == ".gguf":
+        ids, ref_logits = gguf_ref_logits(hf_dir, text)
+    else:
+        ids, ref_logits = hf_logits(hf_dir, text)
     results = []
     for p in paths:
         own_ids, got = gguf_logits(p, ids, text)
-        top1, klm, klx, rel = compare(ref, got)
+        top1, klm, klx, rel = compare(ref_logits, got)
         results.append(Verdict(gguf=str(p), file_type=_file_type(p), tokens=len(ids),
                                tokens_match=list(own_ids) == list(ids), top1_agreement=top1,
                                kl_mean=klm, kl_max=klx, max_rel_logit_diff=rel))
+    if as_json:
+        print_json({"reference": str(hf_dir), "mode": "prompt", "results": [asdict(r) for r in results]})
+        return results
     from rich.table import Table
 
     t = Table(title=f"{hf_dir} (transformers, float32) vs llama.cpp, {len(ids)} tokens")
@@ -113,6 +154,128 @@ def verify(gguf: list[str], *, hf: str | None = None, text: str | None = None) -
     for r in results:
         log.debug("%s", asdict(r))
     return results
+
+
+@dataclass
+class TextVerdict:
+    """One GGUF scored over a text against the reference (the figures of llama-perplexity --kl-divergence)."""
+
+    gguf: str
+    file_type: str
+    tokens_match: bool
+    tokens: int
+    ppl: float
+    ppl_err: float
+    ref_ppl: float
+    ref_ppl_err: float
+    delta_ppl: float
+    ln_ppl_ratio: float
+    kld_mean: float
+    kld_err: float
+    kld_median: float
+    kld_p99: float
+    kld_max: float
+    top1_agreement: float
+    top1_err: float
+    seconds: float
+
+
+def verify_text(paths: list[Path], *, ref: str | None, text_file: str, ctx: int = 512,
+                chunks: int | None = None, as_json: bool = False, ref_engine: str = "auto") -> dict:
+    """Perplexity of the reference and of each GGUF over ``text_file``, and KL divergence, top-1
+    agreement and Δppl of each GGUF against the reference (:mod:`ggmerge.perplexity`).
+
+    Tokens come from llama.cpp's tokenizer of the first GGUF (as llama-perplexity tokenizes). The
+    reference runs through the layer-wise forward pass (``ref_engine='forward'``; the default for HF
+    folders) or, for a GGUF reference, through llama.cpp (``'llama.cpp'``; the default for GGUFs, which
+    is what llama-perplexity --kl-divergence-base does).
+    """
+    import time
+
+    from . import perplexity as px
+    from .calibration import make_chunks, read_text, tokenize_llamacpp
+    from .progress import steps
+    from .report import print_json
+    from .sources import open_source
+
+    ref_path = Path(ref) if ref else default_hf_for(paths[0])
+    is_gguf_ref = ref_path.suffix.lower() == ".gguf"
+    if ref_engine == "auto":
+        ref_engine = "llama.cpp" if is_gguf_ref else "forward"
+    if ref_engine not in ("forward", "llama.cpp"):
+        raise GGMergeError(f"unknown reference engine {ref_engine!r} (forward, llama.cpp, auto)")
+    if ref_engine == "llama.cpp" and not is_gguf_ref:
+        raise GGMergeError("llama.cpp can run only a GGUF reference", path=ref_path)
+    if not ref_path.exists():
+        raise GGMergeError("no such reference model", path=ref_path)
+    text = read_text(text_file)
+    ids0, add_bos, bos, _ = tokenize_llamacpp(paths[0], text)
+    ch = make_chunks(ids0, ctx=ctx, chunks=chunks, add_bos=add_bos, bos=bos, where=Path(text_file))
+    same = {paths[0]: True}
+    for p in paths[1:]:
+        same[p] = tokenize_llamacpp(p, text)[0] == ids0
+        if not same[p]:
+            log.warning("%s tokenizes the text differently from %s; scored with %s's tokens",
+                        p, paths[0], paths[0].name)
+    n = ch.tokens.shape[0]
+    src = open_source(ref_path) if ref_engine == "forward" else None
+    layers = int(src.config().get("num_hidden_layers", 0)) + 2 if src is not None else 1
+    ref_store = px.RefLogProbs(ch)
+    results = []
+    try:
+        with steps(f"reference ({ref_engine}) over {n} chunks of {ctx}", n * layers) as bar:
+            t0 = time.perf_counter()
+            if src is not None:
+                px.ref_with_forward_pass(src, ch, ref_store, advance=bar.advance)
+            else:
+                for i, logits in px.llamacpp_chunk_logits(ref_path, ch):
+                    ref_store.put(i, logits)
+                    bar.advance(1)
+            ref_seconds = time.perf_counter() - t0
+        for p in paths:
+            t0 = time.perf_counter()
+            kld, nll, top, info = [], [], [], {}
+            with steps(f"{p.name} over {n} chunks", n) as bar:
+                for i, logits in px.llamacpp_chunk_logits(p, ch, info):
+                    k, l, s = px.score_chunk(ref_store, i, logits, ch.targets(i))
+                    kld.append(k), nll.append(l), top.append(s)
+                    bar.advance(1)
+            fig = px.summary(px.Scores(np.stack(kld), np.stack(nll), np.stack(top)), ref_store.nll)
+            results.append(TextVerdict(gguf=str(p), file_type=info["file_type"], tokens_match=same[p],
+                                       seconds=time.perf_counter() - t0, **fig))
+    finally:
+        ref_store.close()
+    report = {"reference": str(ref_path), "reference_engine": ref_engine, "text_file": str(text_file),
+              "ctx": ctx, "chunks": n, "text_tokens": ch.n_text_tokens,
+              "scored_tokens": int(ref_store.nll.size), "reference_seconds": ref_seconds,
+              "results": [asdict(r) for r in results]}
+    if as_json:
+        print_json(report)
+    else:
+        _print_text_table(report, results)
+    return report
+
+
+def _print_text_table(report: dict, results: list[TextVerdict]) -> None:
+    from rich.table import Table
+
+    from .report import out
+
+    r0 = results[0] if results else None
+    title = (f"{report['reference']} ({report['reference_engine']}) vs llama.cpp: {report['text_file']}, "
+             f"{report['chunks']} chunks × {report['ctx']}, {report['scored_tokens']} scored tokens")
+    if r0 is not None:
+        title += f"; reference PPL {r0.ref_ppl:.4f} ± {r0.ref_ppl_err:.4f}"
+    t = Table(title=title)
+    for c in ("GGUF", "type", "same tokens", "PPL", "ΔPPL", "KLD mean", "KLD median", "KLD p99", "KLD max",
+              "same top-1"):
+        t.add_column(c)
+    for r in results:
+        t.add_row(Path(r.gguf).name, r.file_type, "yes" if r.tokens_match else "NO",
+                  f"{r.ppl:.4f} ± {r.ppl_err:.4f}", f"{r.delta_ppl:+.4f}", f"{r.kld_mean:.6f} ± {r.kld_err:.6f}",
+                  f"{r.kld_median:.6f}", f"{r.kld_p99:.6f}", f"{r.kld_max:.6f}",
+                  f"{100 * r.top1_agreement:.2f} %")
+    out.print(t)
 
 
 def _file_type(p: Path) -> str:
