@@ -8,8 +8,9 @@ What llama.cpp's ``llama_vocab::impl::load`` (src/llama-vocab.cpp) reads:
 * ``tokenizer.ggml.token_type`` — ``gguf.TokenType`` values; llama.cpp treats CONTROL tokens as
   special (never produced from plain text unless ``parse_special``), USER_DEFINED as literal pieces
   matched before the model, BYTE as ``<0xXX>`` fallbacks, UNUSED as unreachable;
-* the special ids (bos/eos/unk/pad), ``add_bos_token``/``add_eos_token``, ``add_space_prefix``
-  and ``chat_template``.
+* the special ids (bos/eos/unk/pad), ``add_bos_token``/``add_eos_token`` (and ``add_sep_token`` when
+  the tokenizer files say, as gguf-py's ``SpecialVocab`` writes it), ``add_space_prefix`` and
+  ``chat_template``.
 
 When the embedding has more rows than the tokenizer has tokens (vocab_size padded to a multiple of
 64, say), the extra ids get ``[PAD{id}]`` entries of type UNUSED — the same filler
@@ -89,6 +90,8 @@ def write_gguf(writer: gguf.GGUFWriter, vocab: Vocab, n_rows: int) -> None:
         writer.add_pad_token_id(int(vocab.pad_id))
     writer.add_add_bos_token(bool(vocab.add_bos))
     writer.add_add_eos_token(bool(vocab.add_eos))
+    if vocab.add_sep is not None:
+        writer.add_add_sep_token(bool(vocab.add_sep))
     if vocab.add_space_prefix is not None:
         writer.add_add_space_prefix(bool(vocab.add_space_prefix))
     if vocab.chat_template:
@@ -135,6 +138,7 @@ def read_gguf(reader: gguf.GGUFReader) -> Vocab:
     if add_bos is None:
         add_bos = model == "llama" or pre in ("llama3", "llama-v3", "llama-bpe")
     add_eos = _get(reader, "tokenizer.ggml.add_eos_token")
+    add_sep = _get(reader, "tokenizer.ggml.add_sep_token")
     space = _get(reader, "tokenizer.ggml.add_space_prefix")
     return Vocab(
         model=model,
@@ -149,6 +153,7 @@ def read_gguf(reader: gguf.GGUFReader) -> Vocab:
         pad_id=tid("padding") if tid("padding") is not None else tid("pad"),
         add_bos=bool(add_bos),
         add_eos=False if add_eos is None else bool(add_eos),
+        add_sep=None if add_sep is None else bool(add_sep),
         add_space_prefix=None if space is None else bool(space),
         chat_template=_get(reader, "tokenizer.chat_template"),
     )

@@ -178,8 +178,10 @@ def _added_entry(vocab: Vocab, i: int) -> dict:
 
 
 def _config(vocab: Vocab, added: list[int], *, tokenizer_class: str) -> dict:
-    config: dict = {"add_bos_token": bool(vocab.add_bos), "add_eos_token": bool(vocab.add_eos),
-                    "added_tokens_decoder": {str(i): _added_entry(vocab, i) for i in added}}
+    config: dict = {"add_bos_token": bool(vocab.add_bos), "add_eos_token": bool(vocab.add_eos)}
+    if vocab.add_sep is not None:
+        config["add_sep_token"] = bool(vocab.add_sep)
+    config["added_tokens_decoder"] = {str(i): _added_entry(vocab, i) for i in added}
     for name in SPECIAL_NAMES:
         tid = getattr(vocab, f"{name}_id")
         config[f"{name}_token"] = vocab.tokens[tid] if tid is not None and tid < len(vocab) else None

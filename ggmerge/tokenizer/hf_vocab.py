@@ -195,7 +195,8 @@ def detect_pre(tj: dict, cfg: dict, path: Path | None = None) -> str:
     llama.cpp actually implements per name is a list of split regexes; we compare the
     pre-tokenizer definition itself with the definition each supported name stands for
     (:data:`PRE_TOKENIZERS`). SmolLM and StarCoder split identically and differ only in
-    detokenization (``clean_up_tokenization_spaces``), which picks between them.
+    detokenization (``clean_up_tokenization_spaces``), which picks between them. Any other definition
+    is refused (a GGMergeError naming the file), as llama.cpp's converter refuses it.
     """
     sig = _signature(tj.get("pre_tokenizer"))
     for name, pre in PRE_TOKENIZERS.items():
@@ -203,9 +204,13 @@ def detect_pre(tj: dict, cfg: dict, path: Path | None = None) -> str:
             if name == "smollm" and cfg.get("clean_up_tokenization_spaces", False):
                 return "starcoder"
             return name
-    log.warning("%s: pre-tokenizer %s is not one ggmerge knows; using llama.cpp's 'default'",
-                path or "tokenizer.json", json.dumps(tj.get("pre_tokenizer"))[:200])
-    return "default"
+    # llama.cpp's converter stops here too (get_vocab_base_pre: "BPE pre-tokenizer was not
+    # recognized"), and llama.cpp itself refuses a name it does not know (llama_vocab::impl::load):
+    # 'default' would load but split text differently from the model's own tokenizer
+    raise GGMergeError(
+        "byte-level BPE pre-tokenizer is not one llama.cpp is known to implement the same way "
+        f"(known: {', '.join(PRE_TOKENIZERS)}); its definition: {json.dumps(tj.get('pre_tokenizer'))[:200]}",
+        path=path, key="pre_tokenizer")
 
 
 def _signature(pre: dict | None) -> list[tuple]:
@@ -309,6 +314,52 @@ def _set_add_flags(vocab: Vocab, cfg: dict, tj: dict | None) -> None:
     add_bos, add_eos = (True, False) if vocab.model == "llama" else _post_processor_flags(vocab, tj)
     vocab.add_bos = cfg["add_bos_token"] if isinstance(cfg.get("add_bos_token"), bool) else add_bos
     vocab.add_eos = cfg["add_eos_token"] if isinstance(cfg.get("add_eos_token"), bool) else add_eos
+    sep = _post_processor_sep(tj, cfg)
+    vocab.add_sep = sep if sep is not None else (cfg["add_sep_token"] if isinstance(cfg.get("add_sep_token"), bool)
+                                                 else None)
+
+
+def _post_processor_sep(tj: dict | None, cfg: dict) -> bool | None:
+    """``add_sep_token`` as gguf-py's ``SpecialVocab._try_load_from_tokenizer_json`` derives it from a
+    tokenizer.json post-processor, or None where it derives nothing (then tokenizer_config decides).
+
+    RobertaProcessing adds a separator. For TemplateProcessing, the ``pair`` template without the
+    leading/trailing specials that ``single`` also has must be ``$A … $B``; if something stands between
+    them, a separator is added when it is the sep or eos token (the first of two only when ``single``
+    has no trailing special) — else not (Llama's ``<s> $A <s> $B``: False)."""
+    if not tj:
+        return None
+    # compared as SpecialVocab compares them: the raw tokenizer_config values (a dict never matches)
+    sep_tok, eos_tok = cfg.get("sep_token"), cfg.get("eos_token")
+    out = None
+    pp = tj.get("post_processor") or {}
+    for proc in pp.get("processors", [pp]):
+        kind = proc.get("type")
+        if kind == "RobertaProcessing":
+            out = True
+        elif kind == "TemplateProcessing":
+            single, pair = proc.get("single") or [], proc.get("pair") or []
+
+            def special(entry):
+                return entry.get("SpecialToken", {}).get("id")
+
+            first = special(single[0]) if len(single) > 1 else None
+            last = special(single[-1]) if len(single) > 1 else None
+            if not pair:
+                continue
+            start = 1 if first and special(pair[0]) == first else 0
+            stop = -1 if last and special(pair[-1]) == last else None
+            middle = pair[start:stop]
+            if not middle:
+                continue
+            a, b = middle[0].get("Sequence", {}).get("id"), middle[-1].get("Sequence", {}).get("id")
+            middle = middle[1:-1]
+            if a == "A" and b == "B" and middle:
+                add = special(middle[0]) in (sep_tok, eos_tok) and not last if special(middle[0]) else False
+                if len(middle) == 2 and special(middle[1]) in (sep_tok, eos_tok):
+                    add = True
+                out = bool(add)
+    return out
 
 
 def _post_processor_flags(vocab: Vocab, tj: dict | None) -> tuple[bool, bool]:

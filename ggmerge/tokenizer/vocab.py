@@ -29,6 +29,9 @@ class Vocab:
     pad_id: int | None = None
     add_bos: bool = True
     add_eos: bool = False
+    #: llama.cpp's ``add_sep_token`` (a separator between the two texts of a pair); None: the tokenizer
+    #: files do not say, and (as gguf-py's SpecialVocab) nothing is written
+    add_sep: bool | None = None
     add_space_prefix: bool | None = None
     chat_template: str | None = None
     #: serialized SentencePiece ModelProto when the vocabulary came from a real tokenizer.model
