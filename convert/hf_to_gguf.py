@@ -140,6 +140,9 @@ def _layout(source, config: dict) -> _Layout:
     for hf in names:
         if fam.is_ignored(hf):
             continue
+        if hf in fam.gguf_dropped:  # e.g. Gemma-2's tied lm_head: llama.cpp's gemma2 has no output tensor
+            log.info("%s: %s is not written (llama.cpp's %s reuses the embedding)", where, hf, fam.gguf_arch)
+            continue
         gname = fam.hf_to_gguf(hf)
         if gname is None or hf not in expected:
             raise GGMergeError(f"tensor is not part of the {fam.gguf_arch} architecture (unsupported layout?)"

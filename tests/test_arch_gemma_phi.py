@@ -27,6 +27,7 @@ Measured (relative = max|Δlogit| / max|logit|, the seed's 660-token prompt, F32
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -46,7 +47,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 LLAMA_CPP = Path("/work/ref/llama_cpp_python-0.3.36/vendor/llama.cpp")
 MERGEKIT_PY = Path("/tmp/ggmerge-bench/venv-mergekit/bin/python")
 FAMILIES = ("gemma2", "gemma3", "phi3")
-HIDDEN, FF, HEADS, KV_HEADS = 256, 512, 4, 2
+HIDDEN, HEADS, KV_HEADS = 256, 4, 2
 LAYERS = {"gemma2": 4, "gemma3": 7, "phi3": 3}
 WINDOW = 128  # < the prompt, so sliding-window attention matters
 #: folder (hence general.name) of each tiny model: llama.cpp gives a model whose general.name contains
@@ -58,13 +59,13 @@ SHORT = {"gemma2": "g2", "gemma3": "g3", "phi3": "p3"}
 # tiny models
 # --------------------------------------------------------------------------------------------
 
-def _config(family: str):
+def _config(family: str, hidden: int = HIDDEN):
     import transformers as tf
 
-    common = dict(vocab_size=32000, hidden_size=HIDDEN, intermediate_size=FF, num_hidden_layers=LAYERS[family],
-                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, bos_token_id=1, eos_token_id=2,
-                  pad_token_id=0)
-    head_dim = HIDDEN // HEADS
+    common = dict(vocab_size=32000, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=LAYERS[family], num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    head_dim = hidden // HEADS
     if family == "gemma2":
         cfg = tf.Gemma2Config(**common, head_dim=head_dim, max_position_embeddings=8192, sliding_window=WINDOW,
                               query_pre_attn_scalar=head_dim, attn_logit_softcapping=50.0,
@@ -110,14 +111,14 @@ def _init(family: str, name: str, shape, gen: torch.Generator) -> torch.Tensor:
 
 
 def make_tiny(family: str, folder: Path, *, seed: int = 0, perturb_from: Path | None = None,
-              scale: float = 0.05) -> Path:
+              scale: float = 0.05, hidden: int = HIDDEN) -> Path:
     """A deterministic tiny model of ``family`` saved as transformers saves it (bf16), or a
     "fine-tune" of ``perturb_from`` (its weights plus scale × std × noise)."""
     from safetensors.torch import load_file, save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    cfg = _config(family)
+    cfg = _config(family, hidden)
     if perturb_from is not None:
         base = load_file(str(perturb_from / "model.safetensors"))
         tensors = {n: (w.float() + torch.randn(w.shape, generator=gen) * scale * float(w.float().std())).to(torch.bfloat16)
@@ -155,13 +156,16 @@ def seed_ids(tiny) -> list[int]:
     return load_hf_tokenizer(tiny["phi3"])(SEED_PROMPT_TURN2)["input_ids"]
 
 
-def hf_logits(folder: Path, ids: list[int], *, ggml_gelu: bool = False) -> np.ndarray:
+def hf_logits(folder: Path, ids: list[int], *, ggml_gelu: bool = False):
+    """transformers' float32 logits; with ``ggml_gelu`` a pair: (plain, with llama.cpp's GELU)."""
     model = load_hf_model(folder, torch.float32)
-    if ggml_gelu:
+    with torch.no_grad():
+        plain = model(torch.tensor([ids])).logits[0].float().numpy()
+        if not ggml_gelu:
+            return plain
         for layer in model.model.layers:
             layer.mlp.act_fn = _GGMLGelu()
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
+        return plain, model(torch.tensor([ids])).logits[0].float().numpy()
 
 
 class _GGMLGelu(torch.nn.Module):
@@ -177,9 +181,15 @@ def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(a - ref).max() / np.abs(ref).max())
 
 
+@functools.lru_cache(maxsize=None)
+def reader(path) -> gguf.GGUFReader:
+    """One GGUFReader per file: gguf-py takes seconds to parse a 32000-string vocabulary."""
+    return gguf.GGUFReader(path)
+
+
+@functools.lru_cache(maxsize=None)
 def kvs(path) -> dict:
-    r = gguf.GGUFReader(path)
-    return {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    return {k: f.contents() for k, f in reader(path).fields.items() if not k.startswith("GGUF.")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,13 +203,15 @@ def converter_files(tiny, tmp_path_factory) -> dict[str, Path]:
     if not script.is_file():
         pytest.skip(f"llama.cpp's converter is not here ({script})")
     out = tmp_path_factory.mktemp("converter")
+    files = {f: out / f"{SHORT[f]}.gguf" for f in FAMILIES}
+    jobs = [[str(tiny[f]), "--outtype", "f32", "--outfile", str(files[f])] for f in FAMILIES]
+    # one process for the three conversions (torch and transformers import once)
+    driver = ("import json, sys; sys.path.insert(0, sys.argv[1]); import convert_hf_to_gguf as c\n"
+              "for args in json.loads(sys.argv[2]):\n    sys.argv = ['convert_hf_to_gguf.py', *args]; c.main()")
     env = dict(os.environ, PYTHONPATH=str(LLAMA_CPP / "gguf-py"))
-    files = {}
-    for f in FAMILIES:
-        files[f] = out / f"{SHORT[f]}.gguf"
-        r = subprocess.run([sys.executable, str(script), str(tiny[f]), "--outtype", "f32", "--outfile",
-                            str(files[f])], env=env, capture_output=True, text=True, cwd=out)
-        assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", driver, str(LLAMA_CPP), json.dumps(jobs)], env=env,
+                       capture_output=True, text=True, cwd=out)
+    assert r.returncode == 0, r.stderr[-2000:]
     return files
 
 
@@ -220,7 +232,7 @@ def test_same_file_as_llama_cpp_converter(f32, converter_files, family):
     assert {k: v for k, v in ours.items() if k not in skip} == {k: v for k, v in ref.items() if k not in skip}
     if family.startswith("gemma"):  # Gemma's converter forces it off (the real vocab has no dummy prefix)
         assert ours["tokenizer.ggml.add_space_prefix"] is False
-    a, b = gguf.GGUFReader(f32[family]), gguf.GGUFReader(converter_files[family])
+    a, b = reader(f32[family]), reader(converter_files[family])
     ta = {t.name: t for t in a.tensors}
     tb = {t.name: t for t in b.tensors}
     assert sorted(ta) == sorted(tb)
@@ -232,7 +244,7 @@ def test_same_file_as_llama_cpp_converter(f32, converter_files, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers(f32, tiny, seed_ids, family):
     got = llama_logits(load_llama(f32[family], verbose=False), seed_ids)
-    ref = hf_logits(tiny[family], seed_ids)
+    ref, ref_ggml_gelu = hf_logits(tiny[family], seed_ids, ggml_gelu=True)
     assert got.shape == ref.shape
     assert np.abs(ref).max() > 5 and ref.std() > 0.5, "degenerate model: the comparison would mean little"
     err = rel_err(got, ref)
@@ -241,7 +253,7 @@ def test_logits_match_transformers(f32, tiny, seed_ids, family):
     else:
         # llama.cpp's fp16-table GELU (module docstring); with it emulated, the error halves
         assert err <= 1e-3, err
-        assert rel_err(got, hf_logits(tiny[family], seed_ids, ggml_gelu=True)) <= 5e-4
+        assert rel_err(got, ref_ggml_gelu) <= 5e-4
     assert (got.argmax(1) == ref.argmax(1)).all()
 
 
@@ -270,6 +282,24 @@ def test_gemma3_custom_layer_pattern(tmp_path, seed_ids):
     assert kvs(out)["gemma3.attention.sliding_window_pattern"] == [t == "sliding_attention" for t in cfg["layer_types"]]
     got = llama_logits(load_llama(out, verbose=False), seed_ids)
     assert rel_err(got, hf_logits(folder, seed_ids)) <= 1e-3
+
+
+def test_gemma2_lm_head_copy_is_left_out_like_the_converter(tiny, f32, tmp_path):
+    """A Gemma-2 checkpoint that stores the tied head anyway converts to the same tensors (llama.cpp's
+    gemma2 has no output tensor; Gemma2Model.filter_tensors drops lm_head)."""
+    from safetensors.torch import load_file, save_file
+
+    from ggmerge.convert.hf_to_gguf import convert_hf
+
+    folder = tmp_path / "g2"
+    shutil.copytree(tiny["gemma2"], folder)
+    t = load_file(str(folder / "model.safetensors"))
+    t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()
+    save_file(t, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    out = convert_hf(folder, tmp_path / "g2.gguf", "f32")
+    ours, ref = gguf.GGUFReader(out), reader(f32["gemma2"])
+    assert [(x.name, np.asarray(x.data).tobytes()) for x in ours.tensors] == \
+        [(x.name, np.asarray(x.data).tobytes()) for x in ref.tensors]
 
 
 def test_gemma_query_scale_llama_cpp_cannot_express_is_refused(tmp_path):
@@ -386,9 +416,10 @@ def merges(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, Path]]:
     root = tmp_path_factory.mktemp("merge")
     jobs, pairs = [], {}
     for family in FAMILIES:
-        base = make_tiny(family, root / SHORT[family] / "base")
-        make_tiny(family, root / SHORT[family] / "ft1", seed=1, perturb_from=base)
-        make_tiny(family, root / SHORT[family] / "ft2", seed=2, perturb_from=base)
+        # hidden 64: the merge is elementwise and shape-agnostic, and small inputs keep this quick
+        base = make_tiny(family, root / SHORT[family] / "base", hidden=64)
+        make_tiny(family, root / SHORT[family] / "ft1", seed=1, perturb_from=base, hidden=64)
+        make_tiny(family, root / SHORT[family] / "ft2", seed=2, perturb_from=base, hidden=64)
         for method, recipe in _recipes(family, root).items():
             path = root / f"{SHORT[family]}-{method}.yaml"
             path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -401,7 +432,8 @@ def merges(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, Path]]:
     assert r.returncode == 0, r.stderr[-3000:]
     out = {}
     for key, (mk, path, ours) in pairs.items():
-        build(str(path), str(ours))
+        # the task_arithmetic builds also write a Q8_0 GGUF from the same pass (build --gguf)
+        build(str(path), str(ours), gguf="q8_0" if key[1] == "task_arithmetic" else None)
         out[key] = (mk, ours)
     return out
 
@@ -426,6 +458,20 @@ def test_merge_equals_mergekit(merges, family, method):
     ca, cb = (json.loads((d / "config.json").read_text()) for d in (mk, ours))
     for key in ("architectures", "num_hidden_layers", "tie_word_embeddings"):
         assert ca.get(key) == cb.get(key), key
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_build_gguf_equals_quantize_of_the_merge(merges, family, tmp_path):
+    """``build --gguf q8_0`` (tensors encoded in the merge's pass, Gemma's norms + 1 on the way) writes
+    the file ``ggmerge quantize Q8_0`` makes from the finished HF folder."""
+    from test_quantize_file import assert_same_file
+
+    from ggmerge.quantize import quantize
+
+    _, ours = merges[(family, "task_arithmetic")]
+    built = ours.parent / f"{ours.name}.Q8_0.gguf"
+    assert built.is_file()
+    assert_same_file(built, quantize("Q8_0", str(ours), str(tmp_path / "q.Q8_0.gguf")))
 
 
 # --------------------------------------------------------------------------------------------

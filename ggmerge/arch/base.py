@@ -246,6 +246,8 @@ class Family:
     rope_types: tuple[str, ...] = ("default", "linear", "yarn", "llama3", "dynamic")
     #: truthy config keys that mean tensors this family cannot hold: key → message
     refused_config: dict[str, str] = {}
+    #: HF tensors a checkpoint may hold that llama.cpp's converter leaves out of the GGUF
+    gguf_dropped: tuple[str, ...] = ()
     #: ``tokenizer.ggml.add_space_prefix`` llama.cpp's converter forces for this family (None: the
     #: tokenizer's own setting)
     add_space_prefix: bool | None = None

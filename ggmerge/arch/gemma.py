@@ -194,9 +194,11 @@ class Gemma2(_Gemma):
     title = "Gemma-2"
     hf_architectures = ("Gemma2ForCausalLM",)
     model_types = {"gemma2": "Gemma2ForCausalLM"}
-    # llama.cpp's gemma2 has no output tensor (it always reuses token_embd) and the converter skips
-    # lm_head; a checkpoint that has one anyway is refused unless it is the tied copy
-    global_tensors = _EMBED_AND_NORM
+    # llama.cpp's gemma2 has no output tensor (it always reuses token_embd): the converter skips an
+    # lm_head a checkpoint holds anyway (tie_word_embeddings false is refused in read_extra). Merges
+    # keep it, as mergekit does (its gemma2.json: optional, tied to the embedding)
+    global_tensors = {**_EMBED_AND_NORM, **_HEAD}
+    gguf_dropped = ("lm_head.weight",)
     layer_tensors = _GEMMA2_LAYER
     swa_period = 2
     n_layer_27b = 46
