@@ -125,15 +125,17 @@ def test_imatrix_matches_llama_imatrix(tiny_ggufs, tmp_path):
         assert np.linalg.norm(vb - va) / np.linalg.norm(va) < 0.01, name
 
 
-def test_too_short_text_is_one_clear_error(tiny_ggufs, tmp_path):
-    from ggmerge.errors import GGMergeError
-    from ggmerge.imatrix.collect import imatrix
+def test_too_short_text_is_one_clear_error(tiny_ggufs, tmp_path, capsys):
+    from ggmerge.cli import main
 
     short = tmp_path / "short.txt"
     short.write_text(numpy_license().read_text()[:300])
-    with pytest.raises(GGMergeError, match="needs at least 256"):
-        imatrix(str(tiny_ggufs["F32"]), text_file=str(short), ctx=CTX, output=str(tmp_path / "x.gguf"))
-    assert not (tmp_path / "x.gguf").exists()
+    out = tmp_path / "x.gguf"
+    assert main(["imatrix", str(tiny_ggufs["F32"]), "--text-file", str(short), "--ctx", str(CTX),
+                 "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "short.txt" in err[0] and "needs at least 256" in err[0]
+    assert not out.exists()
 
 
 def test_prompt_mode_takes_a_gguf_reference(tiny_ggufs, tiny_mistral):

@@ -76,7 +76,7 @@ def models(work: Path) -> dict[str, Path]:
 
 def run(argv: list, log: Path, reuse: bool = False) -> tuple[str, float]:
     if reuse and log.is_file():
-        m = re.search(r"^# wall ([\d.]+)$", log.read_text(), re.M)
+        m = re.search(r"# wall ([\d.]+)\s*$", log.read_text())
         if m:
             return log.read_text(), float(m.group(1))
     t0 = time.perf_counter()
