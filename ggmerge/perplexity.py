@@ -81,11 +81,33 @@ class RefLogProbs:
 
 @dataclass
 class Scores:
-    """Per scored token: KL(ref ‖ model), the model's NLL, top-1 agreement; chunk-major."""
+    """Per scored token: KL(ref ‖ model), the model's NLL, top-1 agreement, and KL as llama-perplexity
+    estimates it (:func:`llama_kld`); chunk-major."""
 
     kld: np.ndarray
     nll: np.ndarray
     same_top: np.ndarray
+    kld_llama: np.ndarray | None = None
+
+
+def llama_kld(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
+    """KL divergence per row as llama-perplexity computes it, from exact float64 log-probabilities.
+
+    perplexity.cpp's ``log_softmax(..., uint16_t * log_prob, ...)`` stores the base's log-probabilities as
+    ``nearest_int((lp − min)/scale)`` steps with ``min = max(min lp, max lp − 16)`` and
+    ``scale = (max lp − min)/65535`` (anything at or below ``min`` stored as 0), and the KL loop of the
+    ``kl_divergence`` variant adds only tokens whose stored log-prob is above −16. Dropping that tail and the
+    rounding bias the estimate by a few per cent on real models (BENCHMARKS.md); this reproduces it so the
+    figures can be compared with published llama-perplexity numbers.
+    """
+    mx = lp.max(axis=-1, keepdims=True)
+    mn = np.maximum(lp.min(axis=-1, keepdims=True), mx - 16)
+    scale = ((mx - mn) / 65535).astype(np.float32).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(lp > mn, np.rint((lp - mn) / np.where(scale > 0, scale, 1)), 0)
+    lpq = scale * q + mn
+    keep = lpq > -16
+    return np.where(keep, np.exp(lpq) * (lpq - lq), 0.0).sum(axis=-1)
 
 
 def score_chunk(ref: RefLogProbs, i: int, logits: np.ndarray, targets: np.ndarray) -> tuple:
@@ -97,14 +119,16 @@ def score_chunk(ref: RefLogProbs, i: int, logits: np.ndarray, targets: np.ndarra
         lp_all = lp_all[:, :v]
         logits = logits[:, :v]
     kld = np.empty(ref.rows)
+    kll = np.empty(ref.rows)
     nll = np.empty(ref.rows)
     for r0 in range(0, ref.rows, _ROW_BLOCK):
         lq = log_softmax(logits[r0:r0 + _ROW_BLOCK])
         lp = lp_all[r0:r0 + _ROW_BLOCK].astype(np.float64)
         kld[r0:r0 + lq.shape[0]] = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+        kll[r0:r0 + lq.shape[0]] = llama_kld(lp, lq)
         nll[r0:r0 + lq.shape[0]] = -lq[np.arange(lq.shape[0]), targets[r0:r0 + lq.shape[0]]]
     same = logits.argmax(axis=-1) == ref.top[i]
-    return kld, nll, same
+    return kld, nll, same, kll
 
 
 def mean_and_uncertainty(values: np.ndarray) -> tuple[float, float]:
@@ -132,6 +156,7 @@ def summary(s: Scores, ref_nll: np.ndarray) -> dict:
         kld_mean=k, kld_err=k_err, kld_median=float(np.median(srt)),
         kld_p99=float(np.percentile(srt, 99.0)), kld_max=float(srt[-1]),
         top1_agreement=top, top1_err=math.sqrt(top * (1 - top) / max(kld.size - 1, 1)),
+        kld_mean_llama=float(s.kld_llama.mean()) if s.kld_llama is not None else None,
     )
 
 

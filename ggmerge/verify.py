@@ -177,6 +177,8 @@ class TextVerdict:
     kld_max: float
     top1_agreement: float
     top1_err: float
+    #: KLD mean as llama-perplexity estimates it (16-bit reference log-probs, tail below e⁻¹⁶ dropped)
+    kld_mean_llama: float
     seconds: float
 
 
@@ -234,13 +236,13 @@ def verify_text(paths: list[Path], *, ref: str | None, text_file: str, ctx: int 
             ref_seconds = time.perf_counter() - t0
         for p in paths:
             t0 = time.perf_counter()
-            kld, nll, top, info = [], [], [], {}
+            kld, nll, top, kll, info = [], [], [], [], {}
             with steps(f"{p.name} over {n} chunks", n) as bar:
                 for i, logits in px.llamacpp_chunk_logits(p, ch, info):
-                    k, l, s = px.score_chunk(ref_store, i, logits, ch.targets(i))
-                    kld.append(k), nll.append(l), top.append(s)
+                    k, l, s, kl = px.score_chunk(ref_store, i, logits, ch.targets(i))
+                    kld.append(k), nll.append(l), top.append(s), kll.append(kl)
                     bar.advance(1)
-            fig = px.summary(px.Scores(np.stack(kld), np.stack(nll), np.stack(top)), ref_store.nll)
+            fig = px.summary(px.Scores(np.stack(kld), np.stack(nll), np.stack(top), np.stack(kll)), ref_store.nll)
             results.append(TextVerdict(gguf=str(p), file_type=info["file_type"], tokens_match=same[p],
                                        seconds=time.perf_counter() - t0, **fig))
     finally:
@@ -268,13 +270,13 @@ def _print_text_table(report: dict, results: list[TextVerdict]) -> None:
         title += f"; reference PPL {r0.ref_ppl:.4f} ± {r0.ref_ppl_err:.4f}"
     t = Table(title=title)
     for c in ("GGUF", "type", "same tokens", "PPL", "ΔPPL", "KLD mean", "KLD median", "KLD p99", "KLD max",
-              "same top-1"):
+              "same top-1", "KLD mean (llama-perplexity's estimate)"):
         t.add_column(c)
     for r in results:
         t.add_row(Path(r.gguf).name, r.file_type, "yes" if r.tokens_match else "NO",
                   f"{r.ppl:.4f} ± {r.ppl_err:.4f}", f"{r.delta_ppl:+.4f}", f"{r.kld_mean:.6f} ± {r.kld_err:.6f}",
                   f"{r.kld_median:.6f}", f"{r.kld_p99:.6f}", f"{r.kld_max:.6f}",
-                  f"{100 * r.top1_agreement:.2f} %")
+                  f"{100 * r.top1_agreement:.2f} %", f"{r.kld_mean_llama:.6f}")
     out.print(t)
 
 

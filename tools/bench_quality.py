@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 TYPES = {"Q8_0": 7, "Q6_K": 18, "Q4_K_M": 15}
+#: the llama-perplexity run the Δ columns compare with (the same llama.cpp computation as ggmerge's)
+REF_RUN = "llama-perplexity (-b 512 -fa off, F32 cache)"
 
 
 def text_file(work: Path) -> Path:
@@ -72,11 +74,15 @@ def models(work: Path) -> dict[str, Path]:
     return out
 
 
-def run(argv: list, log: Path) -> tuple[str, float]:
+def run(argv: list, log: Path, reuse: bool = False) -> tuple[str, float]:
+    if reuse and log.is_file():
+        m = re.search(r"# wall ([\d.]+)\s*$", log.read_text())
+        if m:
+            return log.read_text(), float(m.group(1))
     t0 = time.perf_counter()
     r = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    log.write_text(r.stdout + r.stderr)
+    log.write_text(r.stdout + r.stderr + f"\n# wall {wall:.3f}\n")
     if r.returncode:
         raise RuntimeError(f"{argv[0]} failed ({r.returncode}), see {log}")
     return r.stdout + r.stderr, wall
@@ -89,17 +95,28 @@ def _num(pattern: str, text: str) -> float:
     return float(m.group(1))
 
 
-def llama_perplexity(m: dict, txt: Path, work: Path, ctx: int, chunks: int, cache: str) -> dict:
+#: llama-perplexity configurations: its defaults (4 windows per 2048-token batch, flash attention auto)
+#: with an F32 KV cache like ggmerge verify's, and one window per batch without flash attention, which is
+#: how llama-cpp-python (and so ggmerge verify) runs llama.cpp. (Its default F16 cache gave figures
+#: identical to the F32 cache's here, so it is not repeated.)
+CONFIGS = {"f32": ["-ctk", "f32", "-ctv", "f32"], "b512-nofa": ["-ctk", "f32", "-ctv", "f32", "-b", "512",
+                                                             "-fa", "off"]}
+
+
+def llama_perplexity(m: dict, txt: Path, work: Path, ctx: int, chunks: int, cfg: str, reuse: bool) -> dict:
     from llama_tools import EVAL_FLAGS, tool
 
     exe = tool("llama-perplexity")
-    base = work / f"base-{cache}.kld"
-    common = ["-f", txt, "-c", ctx, "--chunks", chunks, "-ctk", cache, "-ctv", cache, *EVAL_FLAGS]
-    text, _ = run([exe, "-m", m["F16"], "--kl-divergence-base", base, *common], work / f"ppl-base-{cache}.log")
+    base = work / f"base-{cfg}.kld"
+    common = ["-f", txt, "-c", ctx, "--chunks", chunks, *CONFIGS[cfg], *EVAL_FLAGS]
+    # a reused KL run needs no base file; a fresh one needs the base file of the same configuration
+    fresh = not reuse or not all((work / f"ppl-{t}-{cfg}.log").is_file() for t in TYPES)
+    text, _ = run([exe, "-m", m["F16"], "--kl-divergence-base", base, *common], work / f"ppl-base-{cfg}.log",
+                  reuse and (not fresh or base.is_file()))
     res = {"F16": {"ppl": _num(r"Final estimate: PPL = ([\d.]+)", text)}}
     for t in TYPES:
         text, wall = run([exe, "-m", m[t], "--kl-divergence-base", base, "--kl-divergence", *common],
-                         work / f"ppl-{t}-{cache}.log")
+                         work / f"ppl-{t}-{cfg}.log", reuse)
         res[t] = {"ppl": _num(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", text),
                   "ref_ppl": _num(r"Mean PPL\(base\)\s*:\s*([\d.]+)", text),
                   "kld_mean": _num(r"Mean\s+KLD:\s*([\d.]+)", text),
@@ -107,7 +124,6 @@ def llama_perplexity(m: dict, txt: Path, work: Path, ctx: int, chunks: int, cach
                   "kld_p99": _num(r"99\.0%\s+KLD:\s*([\d.]+)", text),
                   "kld_max": _num(r"Maximum KLD:\s*([\d.]+)", text),
                   "top1": _num(r"Same top p:\s*([\d.]+)", text) / 100, "wall": wall}
-    base.unlink(missing_ok=True)
     return res
 
 
@@ -120,7 +136,7 @@ def ggmerge_verify(m: dict, txt: Path, work: Path, ctx: int, chunks: int, engine
     for r, t in zip(d["results"], TYPES):
         res[t] = {"ppl": r["ppl"], "ref_ppl": r["ref_ppl"], "kld_mean": r["kld_mean"],
                   "kld_median": r["kld_median"], "kld_p99": r["kld_p99"], "kld_max": r["kld_max"],
-                  "top1": r["top1_agreement"], "wall": r["seconds"]}
+                  "top1": r["top1_agreement"], "kld_llama": r["kld_mean_llama"], "wall": r["seconds"]}
     res["wall"] = wall
     return res
 
@@ -156,9 +172,12 @@ def imatrix_compare(m: dict, txt: Path, work: Path, ctx: int, chunks: int) -> di
 def table(results: dict, imx: dict, meta: dict) -> str:
     lines = [f"SmolLM2-135M-Instruct (F16 from the shipped Q4_1; quants by llama.cpp), {meta['text']}, "
              f"ctx {meta['ctx']}, {meta['chunks']} chunks; {meta['machine']}", ""]
-    lp = results["llama-perplexity (F32 cache)"]
-    lines += ["| run | type | PPL | ΔPPL vs llama | KLD mean | Δ vs llama | KLD median | KLD p99 | KLD max | same top-1 |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lp = results[REF_RUN]
+    lines += [f"Δ columns are relative to {REF_RUN}. ggmerge's KLD is exact; its \"llama estimate\" applies "
+              "llama-perplexity's 16-bit reference log-probs and e⁻¹⁶ cut to the same logits.", "",
+              "| run | type | PPL | ΔPPL vs llama | KLD mean | Δ vs llama | KLD median | KLD p99 | KLD max | "
+              "same top-1 | KLD llama estimate | Δ vs llama |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run_name, res in results.items():
         for t in ("F16", *TYPES):
             r, ref = res[t], lp[t]
@@ -167,9 +186,11 @@ def table(results: dict, imx: dict, meta: dict) -> str:
                 lines.append(f"| {run_name} | F16 (ref) | {r['ppl']:.4f} | {dppl} | | | | | | |")
                 continue
             dk = f"{100 * (r['kld_mean'] / ref['kld_mean'] - 1):+.2f} %"
+            kl = r.get("kld_llama")
+            kls = (f"{kl:.6f} | {100 * (kl / ref['kld_mean'] - 1):+.2f} %") if kl is not None else " | "
             lines.append(f"| {run_name} | {t} | {r['ppl']:.4f} | {dppl} | {r['kld_mean']:.6f} | {dk} | "
                          f"{r['kld_median']:.6f} | {r['kld_p99']:.5f} | {r['kld_max']:.4f} | "
-                         f"{100 * r['top1']:.2f} % |")
+                         f"{100 * r['top1']:.2f} % | {kls} |")
     rels = [r[1] for r in imx["rows"]]
     worst = max(imx["rows"], key=lambda r: r[1])
     lines += ["", f"imatrix: {len(imx['rows'])} tensors (llama-imatrix), ggmerge extra: {imx['extra'] or 'none'}; "
@@ -189,7 +210,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=6)
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--skip-f16-cache", action="store_true", help="skip llama-perplexity with its default F16 cache")
+    ap.add_argument("--reuse-logs", action="store_true", help="reuse llama-perplexity logs of an earlier run")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -197,10 +218,10 @@ def main() -> None:
     load0 = os.getloadavg()
     txt = text_file(work)
     m = models(work)
-    results = {"llama-perplexity (F32 cache)": llama_perplexity(m, txt, work, args.ctx, args.chunks, "f32")}
-    if not args.skip_f16_cache:
-        results["llama-perplexity (F16 cache, its default)"] = llama_perplexity(m, txt, work, args.ctx,
-                                                                                 args.chunks, "f16")
+    results = {
+        "llama-perplexity (defaults, F32 cache)": llama_perplexity(m, txt, work, args.ctx, args.chunks, "f32",
+                                                                   args.reuse_logs),
+        REF_RUN: llama_perplexity(m, txt, work, args.ctx, args.chunks, "b512-nofa", args.reuse_logs)}
     results["ggmerge verify (ref in llama.cpp)"] = ggmerge_verify(m, txt, work, args.ctx, args.chunks, "llama.cpp")
     results["ggmerge verify (ref in forward pass)"] = ggmerge_verify(m, txt, work, args.ctx, args.chunks, "forward")
     imx = imatrix_compare(m, txt, work, args.ctx, args.chunks)
