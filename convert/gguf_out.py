@@ -26,7 +26,7 @@ from ggmerge.progress import track
 
 log = logging.getLogger(__name__)
 
-Q = gguf.GGMLQuantizationType
+QType = gguf.GGMLQuantizationType
 
 
 @dataclass

@@ -32,7 +32,7 @@ from ggmerge.arch import Family, Hparams, family_for
 from ggmerge.errors import GGMergeError, did_you_mean
 from ggmerge.sources import open_source
 from ggmerge.tokenizer.gguf_vocab import padded
-from ggmerge.tokenizer.gguf_vocab import write_gguf as write_vocab
+from ggmerge.tokenizer.gguf_vocab import write_vocab
 from ggmerge.tokenizer.hf_vocab import read_hf
 from ggmerge.tokenizer.templates import choose_template
 
@@ -40,22 +40,22 @@ from .gguf_out import OutTensor, encoded_nbytes, write_gguf
 
 log = logging.getLogger(__name__)
 
-Q = gguf.GGMLQuantizationType
+QType = gguf.GGMLQuantizationType
 F = gguf.LlamaFileType
 
 #: --outtype choices: (tensor type for ≥2-D weights, general.file_type)
-OUTTYPES: dict[str, tuple[Q, F]] = {
-    "f32": (Q.F32, F.ALL_F32),
-    "f16": (Q.F16, F.MOSTLY_F16),
-    "bf16": (Q.BF16, F.MOSTLY_BF16),
-    "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0),
+OUTTYPES: dict[str, tuple[QType, F]] = {
+    "f32": (QType.F32, F.ALL_F32),
+    "f16": (QType.F16, F.MOSTLY_F16),
+    "bf16": (QType.BF16, F.MOSTLY_BF16),
+    "q8_0": (QType.Q8_0, F.MOSTLY_Q8_0),
 }
 
 #: a policy maps (gguf name, numpy shape) to the tensor type, or is one of OUTTYPES, or a mapping
 #: gguf name → type / (type, reason) such as convert.quants.policy.choose_types returns
-Policy = str | Callable[[str, tuple[int, ...]], Q] | Mapping[str, object]
+Policy = str | Callable[[str, tuple[int, ...]], QType] | Mapping[str, object]
 
-def parse_outtype(outtype: str) -> tuple[Q, F]:
+def parse_outtype(outtype: str) -> tuple[QType, F]:
     try:
         return OUTTYPES[str(outtype).lower()]
     except KeyError:
@@ -63,35 +63,35 @@ def parse_outtype(outtype: str) -> tuple[Q, F]:
                            f"{did_you_mean(str(outtype).lower(), OUTTYPES)}", key="outtype") from None
 
 
-def _type_chooser(policy: Policy) -> Callable[[str, tuple[int, ...]], tuple[Q, str | None]]:
+def _type_chooser(policy: Policy) -> Callable[[str, tuple[int, ...]], tuple[QType, str | None]]:
     """Normalise the accepted policy forms to ``(gguf_name, shape) -> (type, reason)``."""
     if isinstance(policy, str):
         qtype, _ = parse_outtype(policy)
 
-        def by_outtype(name: str, shape: tuple[int, ...]) -> tuple[Q, str | None]:
+        def by_outtype(name: str, shape: tuple[int, ...]) -> tuple[QType, str | None]:
             block = gguf.GGML_QUANT_SIZES[qtype][0]
             if shape[-1] % block:
                 # the converter's QuantError fallback, but announced
-                return Q.F16, f"row length {shape[-1]} is not a multiple of {qtype.name}'s block {block}"
+                return QType.F16, f"row length {shape[-1]} is not a multiple of {qtype.name}'s block {block}"
             return qtype, None
 
         return by_outtype
     if isinstance(policy, Mapping):
-        def by_table(name: str, shape: tuple[int, ...]) -> tuple[Q, str | None]:
+        def by_table(name: str, shape: tuple[int, ...]) -> tuple[QType, str | None]:
             if name not in policy:
                 raise GGMergeError("the type policy has no entry for this tensor", tensor=name)
             v = policy[name]
             if isinstance(v, tuple):
-                return Q(v[0]), (v[1] if len(v) > 1 else None)
-            return Q(getattr(v, "qtype", v)), getattr(v, "reason", None)
+                return QType(v[0]), (v[1] if len(v) > 1 else None)
+            return QType(getattr(v, "qtype", v)), getattr(v, "reason", None)
 
         return by_table
     if callable(policy):
-        return lambda name, shape: (Q(policy(name, shape)), None)
+        return lambda name, shape: (QType(policy(name, shape)), None)
     raise TypeError(f"unsupported outtype policy {policy!r}")
 
 
-def file_type_of(types: list[Q]) -> F:
+def file_type_of(types: list[QType]) -> F:
     """general.file_type for a mixture: the type most ≥2-D weights got (llama.cpp labels files so)."""
     by_qtype = {q: f for q, f in OUTTYPES.values()}
     if not types:
@@ -200,10 +200,10 @@ def plan_gguf(
     choose = _type_chooser(outtype_policy)
     heads = {"num_attention_heads": hp.n_head, "num_key_value_heads": hp.n_head_kv}
     jobs: list[OutTensor] = []
-    weight_types: list[Q] = []
+    weight_types: list[QType] = []
     for hf, gname, shape in layout.tensors:
         if len(shape) == 1:
-            qtype, reason = Q.F32, None
+            qtype, reason = QType.F32, None
         else:
             qtype, reason = choose(gname, shape)
             weight_types.append(qtype)
@@ -244,7 +244,7 @@ def gguf_arch(config: dict, path=None) -> str:
     return family_for(config, path=path).gguf_arch
 
 
-def default_output(hf_dir: Path, out: Path, outtype: str) -> Path:
+def converted_path(hf_dir: Path, out: Path, outtype: str) -> Path:
     """``out`` itself, or ``out/<model>-<OUTTYPE>.gguf`` when ``out`` is an existing folder."""
     if out.is_dir():
         return out / f"{hf_dir.name}-{outtype.upper()}.gguf"
@@ -259,7 +259,7 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str =
     """
     hf_dir = Path(hf_dir)
     parse_outtype(outtype)
-    out = default_output(hf_dir, Path(out), outtype)
+    out = converted_path(hf_dir, Path(out), outtype)
     source = open_source(hf_dir)
     try:
         config = source.config()

@@ -41,7 +41,7 @@ class Prepared:
             src.close()
 
 
-def default_output(recipe: Recipe) -> Path:
+def output_folder(recipe: Recipe) -> Path:
     return recipe.path.resolve().parent / "out" / recipe.name
 
 
@@ -232,12 +232,12 @@ def _gguf_state(record: dict, out: Path, types, imatrix: str | None = None) -> l
     """The asked GGUF types whose file the build record lists as written by that build and that are still
     there unchanged (size and mtime), made with the same ``--imatrix`` (and after it changed last): the
     others must be (re)made."""
-    from .gguf_outputs import gguf_path
+    from .quantize import quantized_path
 
     listed = record.get("gguf") or {}
     missing = []
     for ft in types:
-        path = gguf_path(out, ft)
+        path = quantized_path(out, ft)
         entry = listed.get(path.name) or {}
         try:
             st = path.stat()
@@ -281,7 +281,7 @@ def build(recipe: str = "ggmerge.yaml", output: str | None = None, *, dry_run: b
 
     p = prepare(recipe, offline=offline, strict=strict)
     try:
-        out = Path(output) if output else default_output(p.recipe)
+        out = Path(output) if output else output_folder(p.recipe)
         types = []
         if gguf or p.recipe.gguf:  # (gguf-py is imported only when a GGUF is asked for)
             from .gguf_outputs import GGUFOutputs, parse_types

@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("gguf", nargs="+", help="GGUF file(s) to check")
     v.add_argument("--ref", "--hf", dest="ref",
                    help="reference: HF model folder or a BF16/F16 GGUF (default: the build the GGUF came from)")
-    v.add_argument("--text", help="one-prompt mode: text to score (default: the seed's role-play prompt)")
+    v.add_argument("--text", help="one-prompt mode: text to score (default: a role-play prompt from the Ninja-v1-RP-expressive model card)")
     v.add_argument("--text-file", help="score this text file like llama-perplexity --kl-divergence: perplexity, "
                                        "ΔPPL, KLD mean/median/p99/max, top-1 agreement")
     v.add_argument("--ctx", type=int, default=512, help="tokens per chunk with --text-file (default 512)")

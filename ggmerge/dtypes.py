@@ -25,6 +25,13 @@ NAMES = {
 }
 
 
+#: the float dtypes a tensor is stored in (safetensors' and GGUF sources' ``dtype()`` names) ↔ torch
+FLOAT_STORAGE = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+STORAGE_NAME = {t: n for n, t in FLOAT_STORAGE.items()}
+#: torch dtype → the name ``config.json`` gives it (``torch_dtype`` / ``dtype``)
+CONFIG_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
 def parse_dtype(name: str) -> torch.dtype:
     from .errors import GGMergeError, did_you_mean
 

@@ -32,6 +32,7 @@ import torch
 
 from .arch import served_name
 from .buffers import POOL
+from .dtypes import FLOAT_STORAGE
 from .errors import GGMergeError
 from .methods import Method, seeded_generator
 from .methods import bernoulli, sparsify as sp
@@ -49,7 +50,6 @@ CACHE_BUDGET = 256 << 20
 #: the key of the output stage in the graph walk (it may have no name)
 OUTPUT = "\0output"
 
-_FLOAT_STORAGE = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def leaf_tensor_name(src, name: str) -> str:
@@ -193,7 +193,7 @@ class _Run:
             real = leaf_tensor_name(src, name)
             shape = tuple(int(d) for d in src.shape(real))
             node = _Node(ref, name, shape, mode="leaf", bounds=chunk_bounds(shape, ev.chunk_elems))
-            storage = _FLOAT_STORAGE.get(src.dtype(real).upper())
+            storage = FLOAT_STORAGE.get(src.dtype(real).upper())
             node.dtype = storage if storage is not None else torch.float32
             if storage is None or not hasattr(src, "read_rows"):
                 node.cache = True  # no row reads for this format (GGUF): load whole, once

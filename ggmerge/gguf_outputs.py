@@ -44,13 +44,6 @@ def parse_types(spec) -> list[FileType]:
     return out
 
 
-def gguf_path(hf_folder: Path, ft: FileType) -> Path:
-    """Where ``ggmerge quantize TYPE`` puts a build's GGUF: ``out/<name>.<TYPE>.gguf``."""
-    from .quantize import default_output
-
-    return default_output(hf_folder, ft)
-
-
 class _Merged:
     """A tensor source over the build's output tensors as they are produced (what the HF folder will
     hold: the values rounded to its dtype), the config it will hold and its tokenizer files."""
@@ -94,7 +87,7 @@ class GGUFOutputs:
 
     def __init__(self, types: list[FileType], hf_folder: Path, shapes: dict[str, tuple[int, ...]],
                  config: dict, vocab, *, imatrix=None, imatrix_arg: str | None = None) -> None:
-        from .quantize import plan_source
+        from .quantize import plan_source, quantized_path
         from .tokenizer.hf_files import write_hf
 
         self.types = types
@@ -113,7 +106,7 @@ class GGUFOutputs:
             for ft in types:
                 arch, metadata, tensors = plan_source(self.source, self.hf_folder, ft, imatrix=imatrix,
                                                       imatrix_arg=imatrix_arg)
-                f = GGUFFile(gguf_path(self.hf_folder, ft), arch, metadata, tensors)
+                f = GGUFFile(quantized_path(self.hf_folder, ft), arch, metadata, tensors)
                 self.files.append(f)
                 for t in tensors:
                     hf = gguf_of.get(t.name)

@@ -24,7 +24,7 @@ def inspect(path: str, *, tensors: bool = False) -> dict:
 
 
 def _gguf(p: Path) -> dict:
-    from .sources.gguf import open_reader
+    from .sources.gguf_data import open_reader
     from .tokenizer.gguf_vocab import read_gguf
     import gguf
 

@@ -1,11 +1,11 @@
 """Loading GGUF files in llama.cpp (through llama-cpp-python), the reference consumer.
 
 One quirk is handled here for every caller: llama.cpp's CPU "extra buffer types" repack quantized
-weights for AMX/AVX-512 kernels at load time. With llama-cpp-python 0.3.36 on this project's CPUs
-(Xeon with AMX), evaluating any quantized model through that path segfaults — llama.cpp's own SmolLM2
-Q4_1 file included — while the plain CPU path works. We load with ``use_extra_bufts = False`` (the
-plain ggml kernels, which are also the ones every CPU has), and use an F32 KV cache by default so
-logit comparisons measure the file, not the cache (see NOTES: F16 cache alone moves logits ~1e-3).
+weights for AMX/AVX-512 kernels at load time. With llama-cpp-python 0.3.36 on CPUs with AMX,
+evaluating any quantized model through that path segfaults — llama.cpp's own SmolLM2 Q4_1 file
+included — while the plain CPU path works. We load with ``use_extra_bufts = False`` (the plain ggml
+kernels, which are also the ones every CPU has), and use an F32 KV cache by default so logit
+comparisons measure the file, not the cache (an F16 cache alone moves logits by ~1e-3).
 """
 from __future__ import annotations
 

@@ -135,7 +135,7 @@ def write_tokenizer(folder: Path, *, spm_path: Path | None = None, chat_template
                     legacy: bool = False, model_max_length: int = 4096) -> Path:
     """``tokenizer.model`` + ``tokenizer_config.json`` in the form transformers 5 loads correctly.
 
-    A bare ``LlamaTokenizer(vocab_file=...)`` silently yields a 3-token tokenizer (NOTES); a folder with
+    A bare ``LlamaTokenizer(vocab_file=...)`` silently yields a 3-token tokenizer in transformers 5; a folder with
     tokenizer_class LlamaTokenizer and the special tokens, loaded through AutoTokenizer, reproduces
     sentencepiece's ids. ``legacy`` only changes text right after a special token such as ``</s>``:
     True puts a "▁" there (what llama.cpp's SentencePiece tokenizer always does), False does not.

@@ -1,4 +1,4 @@
-"""The seed's real role-play prompts (Ninja-v1-RP-expressive model card, the two 実プロンプト例 blocks).
+"""Real role-play prompts from the Ninja-v1-RP-expressive model card (the two 実プロンプト例 blocks).
 
 ``verify`` scores the turn-2 prompt by default; tests check that the Vicuna chat template renders
 ``SEED_CONVERSATION`` to exactly ``SEED_PROMPT_TURN2``.

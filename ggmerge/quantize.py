@@ -37,8 +37,8 @@ from .convert.quants.policy import Choice, check_imatrix_given, choose_types, ll
 
 log = logging.getLogger(__name__)
 
-_T = gguf.GGMLQuantizationType
-_FLOAT_TYPES = (_T.F32, _T.F16, _T.BF16)
+QType = gguf.GGMLQuantizationType
+_FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
 
 #: KV keys never copied from the input: the GGUF header pseudo-fields, the architecture (the writer
 #: puts it first), split bookkeeping (llama.cpp removes it), and the two keys set for the new file
@@ -66,9 +66,9 @@ def quantize(type, input: str | None = None, output: str | None = None, *,  # no
         if not src.exists():
             raise GGMergeError("no such file or folder", path=src)
     if len(fts) == 1 and not (output and Path(output).is_dir()):
-        outs = [Path(output) if output else default_output(src, fts[0])]
+        outs = [Path(output) if output else quantized_path(src, fts[0])]
     else:
-        outs = [default_output(src, ft) if not output else Path(output) / default_output(src, ft).name
+        outs = [quantized_path(src, ft) if not output else Path(output) / quantized_path(src, ft).name
                 for ft in fts]
     todo = []
     for ft, out in zip(fts, outs):
@@ -147,7 +147,7 @@ def quantize_many(fts: list[FileType], src: Path, *, outputs: list[Path] | None 
     from .progress import track
 
     src = Path(src)
-    outputs = outputs or [default_output(src, ft) for ft in fts]
+    outputs = outputs or [quantized_path(src, ft) for ft in fts]
     if src.is_dir():
         from .sources import open_source
 
@@ -244,7 +244,7 @@ def latest_build_output(recipe_path: str | os.PathLike = "ggmerge.yaml") -> Path
 
     Read from the build record ``out/<name>/ggmerge-build.json``; warns when the recipe changed since.
     """
-    from .build import RECORD, default_output as build_output
+    from .build import RECORD, output_folder as build_output
     from .recipe.schema import load_recipe
 
     recipe_path = Path(recipe_path)
@@ -277,7 +277,7 @@ def latest_build_output(recipe_path: str | os.PathLike = "ggmerge.yaml") -> Path
 _TYPE_TAG = re.compile(r"[.\-_](f32|f16|bf16|fp16|fp32|q\d(_[a-z0-9]+)*|iq\d\w*|tq\d_\d)$", re.I)
 
 
-def default_output(src: Path, ft: FileType) -> Path:
+def quantized_path(src: Path, ft: FileType) -> Path:
     """``<dir>/<name>.<TYPE>.gguf`` beside the input: a folder's name, or a file's stem without its
     type tag (``x/m.F16.gguf`` → ``x/m.Q4_K_M.gguf``; ``out/ninja/`` → ``out/ninja.Q4_K_M.gguf``)."""
     src = Path(os.path.abspath(src))
@@ -306,13 +306,13 @@ def _report(choices: dict[str, Choice], ft: FileType, where: Path) -> None:
 
 def _plan_gguf(path: Path, ft: FileType, *, imatrix=None, imatrix_arg=None):
     from .convert.gguf_out import OutTensor
+    from .sources.gguf_data import dequantizable, field, open_reader
 
-    reader = _open_reader(path)
+    reader = open_reader(path)
     fields = reader.fields
 
     def get(key):
-        f = fields.get(key)
-        return None if f is None or not f.types else f.contents()
+        return field(reader, key)
 
     arch = get("general.architecture")
     if not arch:
@@ -333,7 +333,7 @@ def _plan_gguf(path: Path, ft: FileType, *, imatrix=None, imatrix_arg=None):
                     "for this)", path.name, ", ".join(requant))
 
     for qt in {by_name[n].tensor_type for n, c in choices.items() if c.qtype != by_name[n].tensor_type}:
-        if not _decodable(qt):
+        if not dequantizable(qt):
             bad = next(n for n, c in choices.items() if by_name[n].tensor_type == qt and c.qtype != qt)
             raise GGMergeError(f"cannot decode tensor type {qt.name} to requantize it", path=path, tensor=bad)
 
@@ -362,28 +362,6 @@ def _plan_gguf(path: Path, ft: FileType, *, imatrix=None, imatrix_arg=None):
     return arch, metadata, tensors, lambda: None
 
 
-def _open_reader(path: Path) -> gguf.GGUFReader:
-    # not ggmerge.sources.gguf.open_reader: that module imports torch (~180 MB, ~1 s) for nothing here
-    from .limits import check_gguf_header
-
-    check_gguf_header(path)  # bound every count and length before gguf-py believes them
-    try:
-        return gguf.GGUFReader(path, "r")
-    except (ValueError, OSError, IndexError, KeyError, TypeError) as exc:
-        raise GGMergeError(f"not a readable GGUF file ({type(exc).__name__}: {exc})", path=path) from None
-
-
-def _decodable(qtype: _T) -> bool:
-    """Whether gguf-py can dequantize ``qtype`` (tried on one zero block: it has no public table)."""
-    if qtype in _FLOAT_TYPES:
-        return True
-    try:
-        gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
-    except Exception:  # noqa: BLE001 - NotImplementedError, or a codec that cannot run here
-        return False
-    return True
-
-
 def _read(t, path: Path) -> np.ndarray:
     """The tensor's stored bytes, read with ``readinto`` rather than through gguf-py's map, so a
     whole-file pass does not leave the input resident (see ``ggmerge.sources.gguf_data``)."""
@@ -400,7 +378,7 @@ def _loader(t, shape: tuple[int, ...], path: Path) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         data = _read(t, path)
         try:
-            if t.tensor_type == _T.F32:
+            if t.tensor_type == QType.F32:
                 arr = np.asarray(data, dtype=np.float32)
             else:
                 arr = gguf.quants.dequantize(data, t.tensor_type)
@@ -476,9 +454,9 @@ def plan_source(source, folder: Path, ft: FileType, *, imatrix=None, imatrix_arg
     return arch, metadata, tensors
 
 
-def _rounded(load: Callable[[], np.ndarray], planned: _T) -> Callable[[], np.ndarray]:
+def _rounded(load: Callable[[], np.ndarray], planned: QType) -> Callable[[], np.ndarray]:
     """float32 values exactly as a ``planned``-type (BF16/F16) file would hold them."""
-    if planned not in (_T.BF16, _T.F16):
+    if planned not in (QType.BF16, QType.F16):
         return load
 
     def f() -> np.ndarray:
@@ -486,6 +464,6 @@ def _rounded(load: Callable[[], np.ndarray], planned: _T) -> Callable[[], np.nda
 
         from .dtypes import round_trip
 
-        dt = torch.bfloat16 if planned == _T.BF16 else torch.float16
+        dt = torch.bfloat16 if planned == QType.BF16 else torch.float16
         return round_trip(torch.from_numpy(np.ascontiguousarray(load(), dtype=np.float32)), dt).numpy()
     return f

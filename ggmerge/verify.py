@@ -283,7 +283,7 @@ def _print_text_table(report: dict, results: list[TextVerdict]) -> None:
 def _file_type(p: Path) -> str:
     import gguf
 
-    from .sources.gguf import field, open_reader
+    from .sources.gguf_data import field, open_reader
 
     ft = field(open_reader(p), "general.file_type")
     try:

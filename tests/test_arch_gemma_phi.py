@@ -481,7 +481,7 @@ def test_build_gguf_equals_quantize_of_the_merge(merges, family, tmp_path):
 def _vocab_gguf(vocab, path: Path, arch: str, name: str | None = None) -> Path:
     """A vocab-only GGUF of ``arch`` whose tokenizer KVs come from the family's GGUF vocabulary."""
     from ggmerge.arch import family_for_gguf
-    from ggmerge.tokenizer.gguf_vocab import write_gguf
+    from ggmerge.tokenizer.gguf_vocab import write_vocab
 
     fam = family_for_gguf(arch)
     w = gguf.GGUFWriter(str(path), arch)
@@ -494,7 +494,7 @@ def _vocab_gguf(vocab, path: Path, arch: str, name: str | None = None) -> Path:
     w.add_head_count(4)
     w.add_head_count_kv(4)
     w.add_layer_norm_rms_eps(1e-5)
-    write_gguf(w, fam.gguf_vocab(vocab), len(vocab))
+    write_vocab(w, fam.gguf_vocab(vocab), len(vocab))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

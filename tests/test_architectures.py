@@ -33,7 +33,7 @@ from models import SEED_SYSTEM, _init_tensor, _save_safetensors, hf_logits, llam
 
 from ggmerge.convert.hf_to_gguf import convert_hf
 from ggmerge.errors import GGMergeError
-from ggmerge.tokenizer.gguf_vocab import read_gguf, write_gguf as write_vocab
+from ggmerge.tokenizer.gguf_vocab import read_gguf, write_vocab
 from ggmerge.tokenizer.hf_files import write_hf
 from ggmerge.tokenizer.hf_vocab import read_hf
 

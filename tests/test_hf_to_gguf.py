@@ -37,7 +37,7 @@ from ggmerge.tokenizer.templates import VICUNA
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-Q = gguf.GGMLQuantizationType
+QType = gguf.GGMLQuantizationType
 TOL = {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2, "q8_0": 5e-2}
 FTYPE = {"f16": 1, "bf16": 32, "q8_0": 7}  # LLAMA_FTYPE_* ids for llama_model_quantize
 
@@ -130,7 +130,7 @@ def test_tensor_types_and_layout(converted, tiny_mistral):
     assert planned == [(t.name, tuple(int(d) for d in reversed(t.shape))) for t in reader(converted["f32"]).tensors]
     for outtype in ("f16", "bf16", "q8_0"):
         for t in reader(converted[outtype]).tensors:
-            expect = Q.F32 if len(t.shape) == 1 else {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[outtype]
+            expect = QType.F32 if len(t.shape) == 1 else {"f16": QType.F16, "bf16": QType.BF16, "q8_0": QType.Q8_0}[outtype]
             assert t.tensor_type == expect, (outtype, t.name)
 
 
@@ -333,8 +333,8 @@ def test_q8_0_falls_back_to_f16_for_short_rows(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         out = convert_hf(hf, tmp_path / "odd.gguf", "q8_0")
     types = {t.name: t.tensor_type for t in reader(out).tensors}
-    assert types["blk.0.ffn_down.weight"] == Q.Q8_0  # rows of 96
-    assert types["blk.0.attn_q.weight"] == Q.F16  # rows of 48
+    assert types["blk.0.ffn_down.weight"] == QType.Q8_0  # rows of 96
+    assert types["blk.0.attn_q.weight"] == QType.F16  # rows of 48
     assert "not a multiple" in caplog.text
     ids = load_hf_tokenizer(hf)(SEED_PROMPT_TURN1)["input_ids"]
     assert rel_err(llama_logits(load_llama(out), ids), hf_logits(hf, ids)) <= TOL["q8_0"]
@@ -400,7 +400,7 @@ def test_reads_back_through_gguf_source(converted, tiny_mistral):
 
 
 def test_spm_vocab_round_trip(converted, tiny_mistral, tiny_mistral_tied, tmp_path):
-    """read_gguf(write_gguf(v)) == v for the real Mistral vocabulary; padding rows come back UNUSED."""
+    """read_gguf(write_vocab(v)) == v for the real Mistral vocabulary; padding rows come back UNUSED."""
     from ggmerge.tokenizer.gguf_vocab import read_gguf
     from ggmerge.tokenizer.hf_vocab import read_hf
 
@@ -455,7 +455,7 @@ def test_refuses_missing_tokenizer_and_bad_outtype(tiny_mistral, tmp_path):
 
 # -- the streaming writer itself ------------------------------------------------------------------
 
-def _tiny_tensors(n: int, rows: int, cols: int, qtype=Q.F32) -> list[OutTensor]:
+def _tiny_tensors(n: int, rows: int, cols: int, qtype=QType.F32) -> list[OutTensor]:
     def make(i):
         return lambda: np.random.default_rng(i).standard_normal((rows, cols), dtype=np.float32)
 
@@ -465,8 +465,8 @@ def _tiny_tensors(n: int, rows: int, cols: int, qtype=Q.F32) -> list[OutTensor]:
 def test_writer_bytes_equal_gguf_py(tmp_path):
     """Streaming one tensor at a time gives exactly the file GGUFWriter writes with everything in memory."""
     tensors = _tiny_tensors(3, 8, 64)
-    tensors.append(OutTensor("output_norm.weight", (64,), Q.F32, lambda: np.ones(64, np.float32)))
-    tensors.append(OutTensor("output.weight", (16, 64), Q.Q8_0,
+    tensors.append(OutTensor("output_norm.weight", (64,), QType.F32, lambda: np.ones(64, np.float32)))
+    tensors.append(OutTensor("output.weight", (16, 64), QType.Q8_0,
                              lambda: np.linspace(-1, 1, 16 * 64, dtype=np.float32).reshape(16, 64)))
 
     def meta(w):
@@ -492,24 +492,24 @@ def test_writer_is_atomic_and_names_the_tensor(tmp_path):
     def boom():
         raise ValueError("disk says no")
 
-    tensors[1] = OutTensor("blk.1.ffn_up.weight", (8, 64), Q.F32, boom)
+    tensors[1] = OutTensor("blk.1.ffn_up.weight", (8, 64), QType.F32, boom)
     out = tmp_path / "x.gguf"
     with pytest.raises(GGMergeError) as exc:
         write_gguf(out, "llama", lambda w: None, tensors)
     assert exc.value.tensor == "blk.1.ffn_up.weight" and exc.value.path == out
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(GGMergeError, match="block size"):
-        write_gguf(out, "llama", lambda w: None, [OutTensor("a.weight", (2, 48), Q.Q8_0, lambda: None)])
+        write_gguf(out, "llama", lambda w: None, [OutTensor("a.weight", (2, 48), QType.Q8_0, lambda: None)])
     with pytest.raises(GGMergeError, match="NaN"):
         write_gguf(out, "llama", lambda w: None,
-                   [OutTensor("a.weight", (1, 32), Q.F32, lambda: np.full((1, 32), np.nan, np.float32))])
+                   [OutTensor("a.weight", (1, 32), QType.F32, lambda: np.full((1, 32), np.nan, np.float32))])
     assert list(tmp_path.iterdir()) == []
 
 
 def test_writer_holds_one_tensor_at_a_time(tmp_path):
     """Peak traced memory stays ~2 tensors (float32 + encoding) while the file holds 24 of them."""
     rows, cols, n = 256, 1024, 24  # 1 MiB per float32 tensor
-    tensors = _tiny_tensors(n, rows, cols, Q.F16)
+    tensors = _tiny_tensors(n, rows, cols, QType.F16)
     tracemalloc.start()
     try:
         write_gguf(tmp_path / "big.gguf", "llama", lambda w: None, tensors)

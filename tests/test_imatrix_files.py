@@ -50,11 +50,11 @@ def test_roundtrip_and_weights(tmp_path):
 def test_libggml_reads_our_file(tmp_path):
     """libggml's own gguf_init_from_file accepts the file and sees the tensors in save_imatrix's order."""
     pytest.importorskip("llama_cpp")
-    import ggml_ref
+    from ggmerge import libggml
 
     p = write_imatrix(tmp_path / "im.gguf", _entries(np.random.default_rng(1)), datasets=[], chunk_count=0,
                       chunk_size=512)
-    names = ggml_ref.gguf_tensor_names(p)
+    names = libggml.gguf_tensor_names(p)
     assert names == [f"{n}.{s}" for n in sorted(_entries(np.random.default_rng(1))) for s in ("in_sum2", "counts")]
 
 

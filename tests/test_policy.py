@@ -17,7 +17,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as QType
 
 from ggmerge.convert.quants.ftypes import FILE_TYPES, parse_ftype
 from ggmerge.convert.quants.policy import Hparams, allows_quantization, choose_types, llama_order
@@ -106,7 +106,7 @@ def _fn(lib, mangled, restype, argtypes):
     return f
 
 
-def llama_compute_types(hp: Hparams, tensors, n_embd, n_ff, ftype) -> dict[str, T | None]:
+def llama_compute_types(hp: Hparams, tensors, n_embd, n_ff, ftype) -> dict[str, QType | None]:
     """llama.cpp's type for every tensor (None where llama.cpp does not quantize it at all)."""
     lib = ctypes.CDLL(str(_LIB / "libllama.so"))
     ggml = ctypes.CDLL(str(_LIB / "libggml-base.so"))
@@ -135,11 +135,11 @@ def llama_compute_types(hp: Hparams, tensors, n_embd, n_ff, ftype) -> dict[str, 
     qs = qinit(model, ctypes.byref(params))
     ctx = ggml.ggml_init(_InitParams(len(tensors) * ggml.ggml_tensor_overhead() + 4096, None, True))
     try:
-        result: dict[str, T | None] = {}
+        result: dict[str, QType | None] = {}
         quantizable = []
         for name, shape in tensors:
             ne = (ctypes.c_int64 * len(shape))(*reversed(shape))
-            t = ggml.ggml_new_tensor(ctx, int(T.F32), len(shape), ne)
+            t = ggml.ggml_new_tensor(ctx, int(QType.F32), len(shape), ne)
             ggml.ggml_set_name(t, name.encode())
             if allows(qs, t):
                 quantizable.append((name, t))
@@ -150,7 +150,7 @@ def llama_compute_types(hp: Hparams, tensors, n_embd, n_ff, ftype) -> dict[str, 
         arr = (vp * len(quantizable))(*[t for _, t in quantizable])
         out = (ctypes.c_int * len(quantizable))()
         compute(qs, int(ftype), arr, out, len(quantizable))
-        result.update({name: T(v) for (name, _), v in zip(quantizable, out)})
+        result.update({name: QType(v) for (name, _), v in zip(quantizable, out)})
         return result
     finally:
         ggml.ggml_free(ctx)
@@ -176,7 +176,7 @@ def test_choices_match_llama_cpp_for_every_ftype(model):
         for n in ref:
             assert ours[n].quantizable == (ref[n] is not None), n
             if ref[n] is None:
-                assert ours[n].qtype == T.F32  # unquantized tensors keep their stored type
+                assert ours[n].qtype == QType.F32  # unquantized tensors keep their stored type
             checked += 1
     assert checked == len(tensors) * len(FILE_TYPES)
 
@@ -185,18 +185,18 @@ def test_every_deviation_has_a_reason_and_fallbacks_are_flagged():
     hp, tensors, *_ = MODELS["smollm2-135m-tied"]
     ch = choose_types("Q4_K_M", tensors, hp)
     for name, c in ch.items():
-        if c.quantizable and c.qtype != T.Q4_K:
+        if c.quantizable and c.qtype != QType.Q4_K:
             assert c.reason, name
     # 576 is not a multiple of 256: every 576-wide weight falls back (Q4_K → Q5_0, Q6_K → Q8_0),
     # the tied token_embd goes to Q8_0, and ffn_down (1536 = 6 × 256 wide) keeps its K-quant
-    assert ch["token_embd.weight"] == (T.Q8_0, ch["token_embd.weight"].reason, True, True)
-    assert ch["blk.5.attn_q.weight"].qtype == T.Q5_0 and ch["blk.5.attn_q.weight"].fallback
-    assert ch["blk.0.attn_v.weight"].qtype == T.Q8_0 and "Q6_K" in ch["blk.0.attn_v.weight"].reason
-    assert ch["blk.0.ffn_down.weight"].qtype == T.Q6_K and not ch["blk.0.ffn_down.weight"].fallback
-    assert ch["blk.4.ffn_down.weight"] == (T.Q4_K, None, False, True)
-    assert ch["output_norm.weight"] == (T.F32, None, False, False)
+    assert ch["token_embd.weight"] == (QType.Q8_0, ch["token_embd.weight"].reason, True, True)
+    assert ch["blk.5.attn_q.weight"].qtype == QType.Q5_0 and ch["blk.5.attn_q.weight"].fallback
+    assert ch["blk.0.attn_v.weight"].qtype == QType.Q8_0 and "Q6_K" in ch["blk.0.attn_v.weight"].reason
+    assert ch["blk.0.ffn_down.weight"].qtype == QType.Q6_K and not ch["blk.0.ffn_down.weight"].fallback
+    assert ch["blk.4.ffn_down.weight"] == (QType.Q4_K, None, False, True)
+    assert ch["output_norm.weight"] == (QType.F32, None, False, False)
     odd = choose_types("Q8_0", MODELS["odd-rows"][1], MODELS["odd-rows"][0])
-    assert odd["blk.0.ffn_down.weight"].qtype == T.F16 and "F16" in odd["blk.0.ffn_down.weight"].reason
+    assert odd["blk.0.ffn_down.weight"].qtype == QType.F16 and "F16" in odd["blk.0.ffn_down.weight"].reason
 
 
 def test_allows_quantization_matches_llama_cpp_on_edge_names():
@@ -216,7 +216,7 @@ def test_ftype_parsing():
     assert parse_ftype("Q4_K").name == "Q4_K_M"  # llama-quantize's alias
     assert parse_ftype("q5-k-s").name == "Q5_K_S"
     assert parse_ftype("15").name == "Q4_K_M"
-    assert parse_ftype("bf16").default == T.BF16
+    assert parse_ftype("bf16").default == QType.BF16
     with pytest.raises(GGMergeError, match="did you mean 'Q4_K_M'"):
         parse_ftype("q4_km")
     with pytest.raises(GGMergeError, match="supported"):
@@ -228,7 +228,7 @@ def test_ftype_parsing():
 # --------------------------------------------------------------------------------------------
 
 def write_tiny_gguf(path: Path, *, n_layer=4, n_embd=256, n_ff=512, n_head=4, n_head_kv=1, n_vocab=320,
-                    tied=False, dtype=T.F16, seed=0) -> Path:
+                    tied=False, dtype=QType.F16, seed=0) -> Path:
     """A small llama-architecture GGUF that llama.cpp loads and runs: random weights, F32 norms,
     and a byte-fallback SentencePiece-style vocabulary (control tokens, 256 bytes, letters)."""
     rng = np.random.default_rng(seed)
@@ -242,7 +242,7 @@ def write_tiny_gguf(path: Path, *, n_layer=4, n_embd=256, n_ff=512, n_head=4, n_
     w.add_head_count_kv(n_head_kv)
     w.add_rope_dimension_count(n_embd // n_head)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type({T.F16: 1, T.BF16: 32, T.F32: 0}[dtype])
+    w.add_file_type({QType.F16: 1, QType.BF16: 32, QType.F32: 0}[dtype])
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     pieces = ["▁"] + ["▁" + c for c in letters] + letters
@@ -265,11 +265,11 @@ def write_tiny_gguf(path: Path, *, n_layer=4, n_embd=256, n_ff=512, n_head=4, n_
             w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
             continue
         x = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
-        if dtype == T.F16:
+        if dtype == QType.F16:
             w.add_tensor(name, x.astype(np.float16))
-        elif dtype == T.BF16:
-            raw = gguf.quants.quantize(x, T.BF16)
-            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=T.BF16)
+        elif dtype == QType.BF16:
+            raw = gguf.quants.quantize(x, QType.BF16)
+            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=QType.BF16)
         else:
             w.add_tensor(name, x)
     w.write_header_to_file()
@@ -290,7 +290,7 @@ def llama_quantize(src: Path, dst: Path, ftype, *, nthread: int = 1) -> Path:
     return dst
 
 
-def gguf_types(path: Path) -> list[tuple[str, T]]:
+def gguf_types(path: Path) -> list[tuple[str, QType]]:
     r = gguf.GGUFReader(path)
     return [(t.name, t.tensor_type) for t in r.tensors]
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as QType
 
 from ggmerge.convert.quants.ftypes import parse_ftype
 from ggmerge.errors import GGMergeError
-from ggmerge.quantize import default_output, latest_build_output, quantize
+from ggmerge.quantize import quantized_path, latest_build_output, quantize
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -34,9 +34,9 @@ ODD = dict(n_layer=4, n_embd=96, n_ff=80, n_head=3, n_head_kv=1, tied=True)
 def sources(tmp_path_factory):
     d = tmp_path_factory.mktemp("qsrc")
     return {
-        "F16": write_tiny_gguf(d / "std.F16.gguf", dtype=T.F16, seed=1, **STD),
-        "BF16": write_tiny_gguf(d / "std.BF16.gguf", dtype=T.BF16, seed=1, **STD),
-        "odd": write_tiny_gguf(d / "odd.F16.gguf", dtype=T.F16, seed=2, **ODD),
+        "F16": write_tiny_gguf(d / "std.F16.gguf", dtype=QType.F16, seed=1, **STD),
+        "BF16": write_tiny_gguf(d / "std.BF16.gguf", dtype=QType.BF16, seed=1, **STD),
+        "odd": write_tiny_gguf(d / "odd.F16.gguf", dtype=QType.F16, seed=2, **ODD),
     }
 
 
@@ -90,7 +90,7 @@ def test_fallback_widths_same_file_and_logged(sources, qtype, tmp_path, caplog):
     assert_same_file(ours, ref)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(ours).tensors}
-    assert types["blk.0.ffn_down.weight"] == T.F16  # 80 columns: not even a multiple of 32
+    assert types["blk.0.ffn_down.weight"] == QType.F16  # 80 columns: not even a multiple of 32
     # every tensor whose row length forced a fallback is named in a warning
     for name, t in types.items():
         if name.endswith("ffn_down.weight") or name.endswith("attn_q.weight"):
@@ -125,8 +125,8 @@ def test_requantize_real_smollm2(tmp_path, caplog):
     ref = llama_quantize(src, tmp_path / "ref.gguf", parse_ftype("Q4_K_M").ftype)
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(ours).tensors}
     # the real 576-wide rows take llama.cpp's fallbacks; token_embd (tied, already Q8_0) is copied
-    assert types["blk.10.attn_q.weight"] == T.Q5_0 and types["token_embd.weight"] == T.Q8_0
-    assert types["blk.0.attn_v.weight"] == T.Q8_0 and types["blk.0.ffn_down.weight"] == T.Q6_K
+    assert types["blk.10.attn_q.weight"] == QType.Q5_0 and types["token_embd.weight"] == QType.Q8_0
+    assert types["blk.0.attn_v.weight"] == QType.Q8_0 and types["blk.0.ffn_down.weight"] == QType.Q6_K
     assert_same_file(ours, ref)
     toks, _ = greedy(ours, "The capital of France is", n=8)
     rtoks, _ = greedy(ref, "The capital of France is", n=8)
@@ -150,12 +150,12 @@ def test_refuses_to_overwrite_unless_forced(sources, tmp_path):
 
 def test_default_output_names(tmp_path):
     ft = parse_ftype("q4_k_m")
-    assert default_output(tmp_path / "m.F16.gguf", ft) == tmp_path / "m.Q4_K_M.gguf"
-    assert default_output(tmp_path / "ggml-model-bf16.gguf", ft) == tmp_path / "ggml-model.Q4_K_M.gguf"
-    assert default_output(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf", ft) == \
+    assert quantized_path(tmp_path / "m.F16.gguf", ft) == tmp_path / "m.Q4_K_M.gguf"
+    assert quantized_path(tmp_path / "ggml-model-bf16.gguf", ft) == tmp_path / "ggml-model.Q4_K_M.gguf"
+    assert quantized_path(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf", ft) == \
         tmp_path / "SmolLM2-135M-Instruct.Q4_K_M.gguf"
     (tmp_path / "out" / "ninja").mkdir(parents=True)
-    assert default_output(tmp_path / "out" / "ninja", ft) == tmp_path / "out" / "ninja.Q4_K_M.gguf"
+    assert quantized_path(tmp_path / "out" / "ninja", ft) == tmp_path / "out" / "ninja.Q4_K_M.gguf"
 
 
 def test_no_input_without_a_build_is_a_clear_error(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """ggmerge.convert.quants against libggml: the same bytes, for every type, on hard inputs.
 
 The reference is ``ggml_quantize_chunk`` with no importance matrix from the libggml-base bundled in
-llama-cpp-python (tests/ggml_ref.py), i.e. what llama-quantize writes without ``--imatrix``.
+llama-cpp-python (tests/libggml.py), i.e. what llama-quantize writes without ``--imatrix``.
 """
 from __future__ import annotations
 
@@ -15,17 +15,22 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("llama_cpp")
-import ggml_ref
+try:
+    from ggmerge import libggml
+except ImportError:  # llama-cpp-python absent: only the comparisons with libggml skip
+    libggml = None
 from ggmerge.convert.quants import block_info, can_quantize, dequantize, quantize
 from ggmerge.convert.quants.ggml_float import fp16_value, nearest_int
-from gguf import GGMLQuantizationType as Q
+from gguf import GGMLQuantizationType as QType
 
 from ggmerge.errors import GGMergeError
 
-K_TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
-LEGACY_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
-FLOAT_TYPES = [Q.F32, Q.F16, Q.BF16]
+#: the tests that compare with libggml's bytes
+needs_libggml = pytest.mark.skipif(libggml is None, reason="the libggml reference needs llama-cpp-python")
+
+K_TYPES = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K]
+LEGACY_TYPES = [QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1]
+FLOAT_TYPES = [QType.F32, QType.F16, QType.BF16]
 ALL_TYPES = FLOAT_TYPES + LEGACY_TYPES + K_TYPES
 
 
@@ -95,13 +100,15 @@ def _assert_same(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
         pytest.fail(f"{what}: {rows.size} rows differ from libggml; first row {rows[0]}, bytes {byte[:8]}")
 
 
+@needs_libggml
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bytes_match_libggml(qtype, case):
     x = CASES[case]
-    _assert_same(quantize(x, qtype), ggml_ref.ref_quantize(x, qtype), f"{qtype.name}/{case}")
+    _assert_same(quantize(x, qtype), libggml.ref_quantize(x, qtype), f"{qtype.name}/{case}")
 
 
+@needs_libggml
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("shape", [(1, 256), (7, 256), (3, 4096), (2, 3, 512)], ids=str)
 def test_shapes(qtype, shape):
@@ -109,27 +116,30 @@ def test_shapes(qtype, shape):
     ours = quantize(x, qtype)
     bs, ts = block_info(qtype)
     assert ours.shape == shape[:-1] + (shape[-1] // bs * ts,)
-    ref = ggml_ref.ref_quantize(x.reshape(-1, shape[-1]), qtype)
+    ref = libggml.ref_quantize(x.reshape(-1, shape[-1]), qtype)
     _assert_same(ours.reshape(ref.shape), ref, f"{qtype.name}/{shape}")
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
+@needs_libggml
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_K, QType.Q6_K], ids=lambda t: t.name)
 def test_input_layouts(qtype):
     """1-D rows, float64, and non-contiguous views all quantize the float32 values they hold."""
     x = (_rng(8).standard_normal((6, 512)) * 0.1).astype(np.float32)
-    ref = ggml_ref.ref_quantize(x, qtype)
+    ref = libggml.ref_quantize(x, qtype)
     _assert_same(quantize(x[2], qtype), ref[2], "1-D")
     _assert_same(quantize(x.astype(np.float64), qtype), ref, "float64")
     _assert_same(quantize(np.asfortranarray(x), qtype), ref, "Fortran order")
     _assert_same(quantize(x[::2], qtype), ref[::2], "strided rows")
 
 
+@needs_libggml
 @pytest.mark.parametrize("qtype", LEGACY_TYPES, ids=lambda t: t.name)
 def test_legacy_rows_not_multiple_of_256(qtype):
     x = _rng(3).standard_normal((5, 96)).astype(np.float32)
-    _assert_same(quantize(x, qtype), ggml_ref.ref_quantize(x, qtype), qtype.name)
+    _assert_same(quantize(x, qtype), libggml.ref_quantize(x, qtype), qtype.name)
 
 
+@needs_libggml
 @pytest.mark.parametrize("qtype", K_TYPES + LEGACY_TYPES, ids=lambda t: t.name)
 def test_seeded_random_mixtures(qtype):
     """Many small random rows mixing the case generators per block (broad, cheap coverage)."""
@@ -150,9 +160,10 @@ def test_seeded_random_mixtures(qtype):
             row = r.standard_normal(256) + r.uniform(-5, 5)
         rows.append(np.clip(row * scale, -1e37, 1e37))
     x = np.asarray(rows, dtype=np.float32)
-    _assert_same(quantize(x, qtype), ggml_ref.ref_quantize(x, qtype), qtype.name)
+    _assert_same(quantize(x, qtype), libggml.ref_quantize(x, qtype), qtype.name)
 
 
+@needs_libggml
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
 def test_realistic_matrix(qtype):
     """A 128 x 4096 bf16-rounded weight matrix with a few outlier channels, as in real LLM layers."""
@@ -160,7 +171,7 @@ def test_realistic_matrix(qtype):
     w = r.standard_normal((128, 4096)) * 0.02
     w[:, r.integers(0, 4096, 6)] *= 40
     x = _bf16(w.astype(np.float32))
-    _assert_same(quantize(x, qtype), ggml_ref.ref_quantize(x, qtype), qtype.name)
+    _assert_same(quantize(x, qtype), libggml.ref_quantize(x, qtype), qtype.name)
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
@@ -169,16 +180,18 @@ def test_threads_do_not_change_bytes(qtype):
     assert np.array_equal(quantize(x, qtype, threads=1), quantize(x, qtype, threads=3))
 
 
+@needs_libggml
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 def test_one_and_two_threads_give_libggml_bytes(qtype):
     """Big enough to be cut into many chunks (several per thread), with an odd number of
     super-blocks so that the kernels' last lane group is partial."""
     x = (_rng(9).standard_normal((97, 3328)) * 0.05).astype(np.float32)
-    ref = ggml_ref.ref_quantize(x, qtype)
+    ref = libggml.ref_quantize(x, qtype)
     _assert_same(quantize(x, qtype, threads=1), ref, f"{qtype.name}/1 thread")
     _assert_same(quantize(x, qtype, threads=2), ref, f"{qtype.name}/2 threads")
 
 
+@needs_libggml
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
 def test_4096_square_weight_matches_libggml(qtype):
     """A full 4096 x 4096 bf16-rounded weight matrix (a Mistral-7B attention projection's shape)."""
@@ -186,75 +199,79 @@ def test_4096_square_weight_matches_libggml(qtype):
     w = (r.standard_normal((4096, 4096), dtype=np.float32) * np.float32(0.02))
     w[:, r.integers(0, 4096, 8)] *= 30
     x = _bf16(w)
-    _assert_same(quantize(x, qtype, threads=2), ggml_ref.ref_quantize(x, qtype), qtype.name)
+    _assert_same(quantize(x, qtype, threads=2), libggml.ref_quantize(x, qtype), qtype.name)
 
 
 # What comes back: dequantize is gguf-py's, checked against ggml's to_float, and the round trip is close.
 # relative RMS error on N(0, 1) rows: about 1.2x what ggml's own bytes give (measured), so a codec
 # that is exact on the hard cases but wrong on ordinary data still fails here
-ROUND_TRIP_RMS = {Q.F32: 0.0, Q.F16: 2.6e-4, Q.BF16: 2e-3, Q.Q8_0: 0.0066, Q.Q6_K: 0.022,
-                  Q.Q5_1: 0.046, Q.Q5_0: 0.053, Q.Q5_K: 0.044, Q.Q4_1: 0.097, Q.Q4_0: 0.105,
-                  Q.Q4_K: 0.088, Q.Q3_K: 0.18, Q.Q2_K: 0.36}
+ROUND_TRIP_RMS = {QType.F32: 0.0, QType.F16: 2.6e-4, QType.BF16: 2e-3, QType.Q8_0: 0.0066, QType.Q6_K: 0.022,
+                  QType.Q5_1: 0.046, QType.Q5_0: 0.053, QType.Q5_K: 0.044, QType.Q4_1: 0.097, QType.Q4_0: 0.105,
+                  QType.Q4_K: 0.088, QType.Q3_K: 0.18, QType.Q2_K: 0.36}
 
 
+@needs_libggml
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 def test_round_trip(qtype):
     x = CASES["normal"]
     raw = quantize(x, qtype)
     back = dequantize(raw, qtype)
     assert back.shape == x.shape and back.dtype == np.float32
-    np.testing.assert_array_equal(back, ggml_ref.ref_dequantize(raw, qtype))
+    np.testing.assert_array_equal(back, libggml.ref_dequantize(raw, qtype))
     rel = np.sqrt(np.mean((back - x) ** 2) / np.mean(x ** 2))
     assert rel <= ROUND_TRIP_RMS[qtype], rel
-    if qtype != Q.F32:
+    if qtype != QType.F32:
         assert rel > 0
 
 
 def test_block_info_and_can_quantize():
-    assert block_info(Q.Q4_K) == (256, 144)
-    assert block_info(Q.Q8_0) == (32, 34)
+    assert block_info(QType.Q4_K) == (256, 144)
+    assert block_info(QType.Q8_0) == (32, 34)
     assert all(can_quantize(t) for t in ALL_TYPES)
-    assert not can_quantize(Q.Q8_K) and not can_quantize(Q.IQ2_XXS)
+    assert not can_quantize(QType.Q8_K) and not can_quantize(QType.IQ2_XXS)
 
 
 def test_errors_name_the_tensor():
     with pytest.raises(GGMergeError, match="multiple of its block size 256") as e:
-        quantize(np.zeros((2, 576), np.float32), Q.Q4_K, tensor="blk.0.ffn_down.weight")
+        quantize(np.zeros((2, 576), np.float32), QType.Q4_K, tensor="blk.0.ffn_down.weight")
     assert "blk.0.ffn_down.weight" in str(e.value)
     bad = np.zeros((1, 256), np.float32)
     bad[0, 3] = np.nan
     with pytest.raises(GGMergeError, match="NaN") as e:
-        quantize(bad, Q.Q6_K, tensor="blk.1.attn_q.weight")
+        quantize(bad, QType.Q6_K, tensor="blk.1.attn_q.weight")
     assert "blk.1.attn_q.weight" in str(e.value)
     big = np.zeros((64, 4096), np.float32)
     big[50, 7] = -np.inf  # in a later chunk, found by a worker thread
     for threads in (1, 2):
         with pytest.raises(GGMergeError, match="NaN or infinite values to Q4_0"):
-            quantize(big, Q.Q4_0, threads=threads, tensor="t")
+            quantize(big, QType.Q4_0, threads=threads, tensor="t")
     with pytest.raises(GGMergeError, match="no quantizer for IQ2_XXS"):
-        quantize(np.zeros((1, 256), np.float32), Q.IQ2_XXS)
+        quantize(np.zeros((1, 256), np.float32), QType.IQ2_XXS)
 
 
+@needs_libggml
 def test_float_types_keep_nan_and_inf_like_ggml():
     x = np.array([[np.nan, -np.nan, np.inf, -np.inf, 65520.0, 65519.0, 1e-8, -6e-8]], np.float32)
     bits = np.array([[0x7FC00001, 0xFFA00000, 0x7F800001, 0x00000001]], np.uint32).view(np.float32)
     for qtype in FLOAT_TYPES:
         for v in (x, bits):
-            _assert_same(quantize(v, qtype), ggml_ref.ref_quantize(v, qtype), qtype.name)
+            _assert_same(quantize(v, qtype), libggml.ref_quantize(v, qtype), qtype.name)
 
 
 # The float32 primitives the codecs are built on, each against what C does.
 
+@needs_libggml
 def test_fp16_conversion_matches_ggml_on_random_bit_patterns():
     """The fp16 store every block type uses for its scales, through F16 (its one other user)."""
     v = _rng(6).integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
-    _assert_same(quantize(v[None, :], Q.F16), ggml_ref.ref_quantize(v[None, :], Q.F16), "F16")
+    _assert_same(quantize(v[None, :], QType.F16), libggml.ref_quantize(v[None, :], QType.F16), "F16")
 
 
+@needs_libggml
 def test_fp16_value_matches_ggml_on_every_half():
     """fp16_value (GGML_FP16_TO_FP32, read back for the final levels) on all 65536 patterns."""
     halves = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
-    ref = ggml_ref.ref_dequantize(halves.view(np.uint8)[None, :], Q.F16)[0]
+    ref = libggml.ref_dequantize(halves.view(np.uint8)[None, :], QType.F16)[0]
     ours = np.array([fp16_value(int(h)) for h in halves], dtype=np.float32)
     np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))
 

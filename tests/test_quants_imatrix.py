@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 pytest.importorskip("llama_cpp")
-import ggml_ref
-from gguf import GGMLQuantizationType as Q
+from ggmerge import libggml
+from gguf import GGMLQuantizationType as QType
 from test_quants_exact import CASES, _assert_same, _bf16, _rng
 
 from ggmerge.convert.quants import quantize
 from ggmerge.errors import GGMergeError
 
-WEIGHTED = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL, Q.IQ4_XS]
-IQ4 = [Q.IQ4_NL, Q.IQ4_XS]
+WEIGHTED = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.IQ4_NL, QType.IQ4_XS]
+IQ4 = [QType.IQ4_NL, QType.IQ4_XS]
 
 
 def _weights(kind: str, n: int) -> np.ndarray:
@@ -49,7 +49,7 @@ def _weights(kind: str, n: int) -> np.ndarray:
 def test_bytes_match_libggml(qtype, case):
     x = CASES[case]
     w = _weights("activations", x.shape[-1])
-    _assert_same(quantize(x, qtype, imatrix=w), ggml_ref.ref_quantize(x, qtype, w), f"{qtype.name}/{case}")
+    _assert_same(quantize(x, qtype, imatrix=w), libggml.ref_quantize(x, qtype, w), f"{qtype.name}/{case}")
 
 
 @pytest.mark.parametrize("qtype", WEIGHTED, ids=lambda t: t.name)
@@ -59,7 +59,7 @@ def test_bytes_match_libggml(qtype, case):
 def test_degenerate_weights(qtype, kind, case):
     x = CASES[case]
     w = _weights(kind, x.shape[-1])
-    _assert_same(quantize(x, qtype, imatrix=w), ggml_ref.ref_quantize(x, qtype, w),
+    _assert_same(quantize(x, qtype, imatrix=w), libggml.ref_quantize(x, qtype, w),
                  f"{qtype.name}/{kind}/{case}")
 
 
@@ -68,7 +68,7 @@ def test_degenerate_weights(qtype, kind, case):
 def test_iq4_without_imatrix(qtype, case):
     """ggml_quantize_chunk(IQ4_*, imatrix=NULL): the same search, weights x*x."""
     x = CASES[case]
-    _assert_same(quantize(x, qtype), ggml_ref.ref_quantize(x, qtype), f"{qtype.name}/{case}")
+    _assert_same(quantize(x, qtype), libggml.ref_quantize(x, qtype), f"{qtype.name}/{case}")
 
 
 @pytest.mark.parametrize("qtype", WEIGHTED, ids=lambda t: t.name)
@@ -76,17 +76,17 @@ def test_realistic_matrix_two_threads(qtype):
     """bf16 weights with outlier channels, a 576-wide row (SmolLM2's hidden size: 32-block types
     only) or 1536-wide, rows cut into several chunks per thread."""
     r = _rng(4)
-    n = 576 if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL) else 1536
+    n = 576 if qtype in (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.IQ4_NL) else 1536
     w = r.standard_normal((150, n)) * 0.02
     w[:, r.integers(0, n, 6)] *= 40
     x = _bf16(w.astype(np.float32))
     qw = _weights("activations", n)
-    ref = ggml_ref.ref_quantize(x, qtype, qw)
+    ref = libggml.ref_quantize(x, qtype, qw)
     _assert_same(quantize(x, qtype, imatrix=qw, threads=2), ref, f"{qtype.name}/2 threads")
     _assert_same(quantize(x, qtype, imatrix=qw, threads=1), ref, f"{qtype.name}/1 thread")
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.IQ4_XS, Q.Q5_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QType.Q4_K, QType.IQ4_XS, QType.Q5_0], ids=lambda t: t.name)
 def test_experts_use_their_own_row(qtype):
     """A 3-D (experts, rows, cols) tensor with an (experts, cols) imatrix: expert e's rows are
     quantized with row e, as llama_tensor_quantize_impl does."""
@@ -94,20 +94,20 @@ def test_experts_use_their_own_row(qtype):
     qw = np.stack([_weights(k, 512) for k in ("activations", "ones", "some_zero")])
     ours = quantize(x, qtype, imatrix=qw, threads=2)
     for e in range(3):
-        _assert_same(ours[e], ggml_ref.ref_quantize(x[e], qtype, qw[e]), f"{qtype.name}/expert {e}")
+        _assert_same(ours[e], libggml.ref_quantize(x[e], qtype, qw[e]), f"{qtype.name}/expert {e}")
 
 
 def test_imatrix_shape_errors_name_the_tensor():
     x = np.ones((4, 256), np.float32)
     with pytest.raises(GGMergeError, match="blk.0.x.*do not fit rows of 256"):
-        quantize(x, Q.Q4_K, imatrix=np.ones(128, np.float32), tensor="blk.0.x")
+        quantize(x, QType.Q4_K, imatrix=np.ones(128, np.float32), tensor="blk.0.x")
     with pytest.raises(GGMergeError, match="2 experts"):
-        quantize(x, Q.Q4_K, imatrix=np.ones((2, 256), np.float32), tensor="t")
+        quantize(x, QType.Q4_K, imatrix=np.ones((2, 256), np.float32), tensor="t")
     with pytest.raises(GGMergeError, match="NaN or infinite"):
-        quantize(np.full((1, 256), np.nan, np.float32), Q.IQ4_XS, tensor="t")
+        quantize(np.full((1, 256), np.nan, np.float32), QType.IQ4_XS, tensor="t")
 
 
 def test_types_ggml_does_not_weight_ignore_the_imatrix():
     x = (_rng(7).standard_normal((3, 256))).astype(np.float32)
-    for qtype in (Q.Q8_0, Q.F16, Q.BF16, Q.F32):
+    for qtype in (QType.Q8_0, QType.F16, QType.BF16, QType.F32):
         assert np.array_equal(quantize(x, qtype, imatrix=np.ones(256, np.float32)), quantize(x, qtype))

@@ -264,7 +264,7 @@ def test_gguf_config_matches_transformers_shapes(smol):
 def test_gguf_values_equal_libggml_dequantization(smol):
     """Every tensor type in the file, compared with ggml's own ``to_float`` (through libggml)."""
     pytest.importorskip("llama_cpp")
-    from ggml_ref import ref_dequantize
+    from ggmerge.libggml import ref_dequantize
 
     checked = set()
     for name in ["model.embed_tokens.weight", "model.norm.weight", "model.layers.3.mlp.up_proj.weight",

@@ -16,7 +16,7 @@ import sentencepiece as spm
 
 from ggmerge.errors import GGMergeError
 from ggmerge.tokenizer import spm_proto
-from ggmerge.tokenizer.gguf_vocab import read_gguf, write_gguf
+from ggmerge.tokenizer.gguf_vocab import read_gguf, write_vocab
 from ggmerge.tokenizer.hf_files import write_hf
 from ggmerge.tokenizer.hf_vocab import read_hf
 from ggmerge.tokenizer.vocab import Vocab
@@ -35,7 +35,7 @@ def _auto(folder):
 
 
 def vocab_gguf(vocab: Vocab, path) -> None:
-    """A vocab-only llama GGUF (tokenizer metadata through gguf_vocab.write_gguf, no tensors)."""
+    """A vocab-only llama GGUF (tokenizer metadata through gguf_vocab.write_vocab, no tensors)."""
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(4096)
     w.add_embedding_length(64)
@@ -44,7 +44,7 @@ def vocab_gguf(vocab: Vocab, path) -> None:
     w.add_head_count(4)
     w.add_head_count_kv(4)
     w.add_layer_norm_rms_eps(1e-5)
-    write_gguf(w, vocab, len(vocab))
+    write_vocab(w, vocab, len(vocab))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -5,7 +5,7 @@
     python tools/bench_quant_kernels.py --types Q4_K,Q8_0 --repeat 3 --write
 
 The reference is one ``ggml_quantize_chunk`` call (single-threaded) from the libggml-base bundled in
-llama-cpp-python (tests/ggml_ref.py). Ours runs with 1 thread and with ``--threads``. CPU seconds
+llama-cpp-python (tests/libggml.py). Ours runs with 1 thread and with ``--threads``. CPU seconds
 (process time) are reported beside wall seconds: on a shared machine they are the fairer measure of
 per-thread speed. Best of ``--repeat``. The input is bf16-rounded N(0, 0.02) with a few outlier
 columns, like a real weight matrix. Kernels are compiled (or loaded from numba's cache) before
@@ -23,11 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-
-import ggml_ref
+from ggmerge import libggml
 from ggmerge.convert.quants import default_threads, quantize
-from gguf import GGMLQuantizationType as Q
+from gguf import GGMLQuantizationType as QType
 
 K_TYPES = "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K"
 ALL_TYPES = K_TYPES + ",Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,F16,BF16"
@@ -64,7 +62,7 @@ def main(argv=None) -> int:
     scale = 4096 / args.rows
     first = {}
     for name in names:  # compile, or load from numba's cache: not part of the timings below
-        _, first[name], _ = timed(lambda q=Q[name]: quantize(x[:1, :512], q))
+        _, first[name], _ = timed(lambda q=QType[name]: quantize(x[:1, :512], q))
     load = os.getloadavg()[0]
     many = f"ours {args.threads} threads"
     lines = [(f"| type | libggml 1 thread (wall / CPU s) | ours 1 thread | CPU vs libggml | {many} "
@@ -72,10 +70,10 @@ def main(argv=None) -> int:
     print(f"one 4096 x 4096 tensor (measured on {args.rows} rows), best of {args.repeat}; "
           f"seconds, wall / CPU; {os.cpu_count()} CPUs")
     for name in names:
-        qtype = Q[name]
+        qtype = QType[name]
         best = {}
         for _ in range(args.repeat):
-            for key, fn in (("ref", lambda q=qtype: ggml_ref.ref_quantize(x, q)),
+            for key, fn in (("ref", lambda q=qtype: libggml.ref_quantize(x, q)),
                             ("one", lambda q=qtype: quantize(x, q, threads=1)),
                             ("all", lambda q=qtype: quantize(x, q, threads=args.threads))):
                 out, wall, cpu = timed(fn)

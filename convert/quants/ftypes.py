@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as QType
 from gguf import LlamaFileType as F
 
 from ggmerge.errors import GGMergeError, did_you_mean
@@ -24,35 +24,35 @@ class FileType:
     #: the value stored in ``general.file_type``
     ftype: F
     #: tensor type most 2-D weights get (llama_ftype_get_default_type)
-    default: T
+    default: QType
 
     @property
     def quantized(self) -> bool:
         """False for F32/F16/BF16, where llama.cpp applies no per-tensor rules at all."""
-        return self.default not in (T.F32, T.F16, T.BF16)
+        return self.default not in (QType.F32, QType.F16, QType.BF16)
 
 
 _TABLE = [
-    FileType("F32", F.ALL_F32, T.F32),
-    FileType("F16", F.MOSTLY_F16, T.F16),
-    FileType("BF16", F.MOSTLY_BF16, T.BF16),
-    FileType("Q8_0", F.MOSTLY_Q8_0, T.Q8_0),
-    FileType("Q4_0", F.MOSTLY_Q4_0, T.Q4_0),
-    FileType("Q4_1", F.MOSTLY_Q4_1, T.Q4_1),
-    FileType("Q5_0", F.MOSTLY_Q5_0, T.Q5_0),
-    FileType("Q5_1", F.MOSTLY_Q5_1, T.Q5_1),
-    FileType("Q2_K", F.MOSTLY_Q2_K, T.Q2_K),
-    FileType("Q2_K_S", F.MOSTLY_Q2_K_S, T.Q2_K),
-    FileType("Q3_K_S", F.MOSTLY_Q3_K_S, T.Q3_K),
-    FileType("Q3_K_M", F.MOSTLY_Q3_K_M, T.Q3_K),
-    FileType("Q3_K_L", F.MOSTLY_Q3_K_L, T.Q3_K),
-    FileType("Q4_K_S", F.MOSTLY_Q4_K_S, T.Q4_K),
-    FileType("Q4_K_M", F.MOSTLY_Q4_K_M, T.Q4_K),
-    FileType("Q5_K_S", F.MOSTLY_Q5_K_S, T.Q5_K),
-    FileType("Q5_K_M", F.MOSTLY_Q5_K_M, T.Q5_K),
-    FileType("Q6_K", F.MOSTLY_Q6_K, T.Q6_K),
-    FileType("IQ4_NL", F.MOSTLY_IQ4_NL, T.IQ4_NL),
-    FileType("IQ4_XS", F.MOSTLY_IQ4_XS, T.IQ4_XS),
+    FileType("F32", F.ALL_F32, QType.F32),
+    FileType("F16", F.MOSTLY_F16, QType.F16),
+    FileType("BF16", F.MOSTLY_BF16, QType.BF16),
+    FileType("Q8_0", F.MOSTLY_Q8_0, QType.Q8_0),
+    FileType("Q4_0", F.MOSTLY_Q4_0, QType.Q4_0),
+    FileType("Q4_1", F.MOSTLY_Q4_1, QType.Q4_1),
+    FileType("Q5_0", F.MOSTLY_Q5_0, QType.Q5_0),
+    FileType("Q5_1", F.MOSTLY_Q5_1, QType.Q5_1),
+    FileType("Q2_K", F.MOSTLY_Q2_K, QType.Q2_K),
+    FileType("Q2_K_S", F.MOSTLY_Q2_K_S, QType.Q2_K),
+    FileType("Q3_K_S", F.MOSTLY_Q3_K_S, QType.Q3_K),
+    FileType("Q3_K_M", F.MOSTLY_Q3_K_M, QType.Q3_K),
+    FileType("Q3_K_L", F.MOSTLY_Q3_K_L, QType.Q3_K),
+    FileType("Q4_K_S", F.MOSTLY_Q4_K_S, QType.Q4_K),
+    FileType("Q4_K_M", F.MOSTLY_Q4_K_M, QType.Q4_K),
+    FileType("Q5_K_S", F.MOSTLY_Q5_K_S, QType.Q5_K),
+    FileType("Q5_K_M", F.MOSTLY_Q5_K_M, QType.Q5_K),
+    FileType("Q6_K", F.MOSTLY_Q6_K, QType.Q6_K),
+    FileType("IQ4_NL", F.MOSTLY_IQ4_NL, QType.IQ4_NL),
+    FileType("IQ4_XS", F.MOSTLY_IQ4_XS, QType.IQ4_XS),
 ]
 
 #: canonical name → FileType

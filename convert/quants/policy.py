@@ -24,7 +24,7 @@ import re
 from typing import Iterable, NamedTuple, Sequence
 
 from gguf import GGML_QUANT_SIZES
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as QType
 
 from ggmerge.arch import QuantHparams as Hparams  # the facts the rules read live with the families
 from ggmerge.errors import GGMergeError
@@ -33,7 +33,7 @@ from .ftypes import FileType, parse_ftype
 
 
 class Choice(NamedTuple):
-    qtype: T
+    qtype: QType
     #: why this tensor does not get the file type's default type (None: it does)
     reason: str | None = None
     #: True when the row length forced a different type (llama.cpp prints a warning for these)
@@ -113,7 +113,7 @@ def llama_order(names: Iterable[str]) -> list[str]:
     return sorted(names, key=lambda n: (layer_of(n), n.encode()))
 
 
-def block_size(qtype: T) -> int:
+def block_size(qtype: QType) -> int:
     return GGML_QUANT_SIZES[qtype][0]
 
 
@@ -133,7 +133,7 @@ class _Counters:
 
 
 def _rule(name: str, cat: str, ncols: int, ft: FileType, hp: Hparams, c: _Counters,
-          tied: bool, has_imatrix: bool = False) -> tuple[T, str | None, bool]:
+          tied: bool, has_imatrix: bool = False) -> tuple[QType, str | None, bool]:
     """(type, reason, is_fallback) for one quantizable tensor, before the block-size fallback."""
     f = ft.name
     t = ft.default
@@ -142,10 +142,10 @@ def _rule(name: str, cat: str, ncols: int, ft: FileType, hp: Hparams, c: _Counte
     if cat == "output" or (tied and cat == "token_embd"):
         what = "the output projection" if cat == "output" else "the embedding, tied to the output,"
         if falcon or ncols % block_size(t) != 0:
-            return T.Q8_0, (f"{ncols} columns are not a multiple of {t.name}'s block "
+            return QType.Q8_0, (f"{ncols} columns are not a multiple of {t.name}'s block "
                             f"{block_size(t)}: llama.cpp stores {what} as Q8_0"), not falcon
-        if t != T.Q8_0:
-            return T.Q6_K, f"llama.cpp stores {what} as Q6_K", False
+        if t != QType.Q8_0:
+            return QType.Q6_K, f"llama.cpp stores {what} as Q6_K", False
         return t, None, False
 
     if cat == "token_embd":
@@ -156,31 +156,31 @@ def _rule(name: str, cat: str, ncols: int, ft: FileType, hp: Hparams, c: _Counte
         i, n = c.i_attention_wv, c.n_attention_wv
         why = None
         if f == "Q2_K":
-            t = T.Q4_K if hp.n_gqa >= 4 else T.Q3_K
+            t = QType.Q4_K if hp.n_gqa >= 4 else QType.Q3_K
             why = f"{cat} in Q2_K: {t.name} (GQA factor {hp.n_gqa} {'≥' if hp.n_gqa >= 4 else '<'} 4)"
         elif f == "Q2_K_S" and hp.n_gqa >= 4:
-            t, why = T.Q4_K, f"{cat} in Q2_K_S: Q4_K (GQA factor {hp.n_gqa} ≥ 4)"
+            t, why = QType.Q4_K, f"{cat} in Q2_K_S: Q4_K (GQA factor {hp.n_gqa} ≥ 4)"
         elif f == "Q3_K_M":
-            t = T.Q5_K if i < 2 else T.Q4_K
+            t = QType.Q5_K if i < 2 else QType.Q4_K
             why = f"{cat} #{i} in Q3_K_M: {t.name} (first two get Q5_K)"
         elif f == "Q3_K_L":
-            t, why = T.Q5_K, f"{cat} in Q3_K_L: Q5_K"
+            t, why = QType.Q5_K, f"{cat} in Q3_K_L: Q5_K"
         elif f in ("IQ4_NL", "IQ4_XS") and hp.n_gqa >= 4:
-            t, why = T.Q5_K, f"{cat} in {f}: Q5_K (GQA factor {hp.n_gqa} ≥ 4)"
+            t, why = QType.Q5_K, f"{cat} in {f}: Q5_K (GQA factor {hp.n_gqa} ≥ 4)"
         elif f in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
-            t, why = T.Q6_K, f"{cat} #{i} of {n} is a 'more bits' layer in {f}: Q6_K"
+            t, why = QType.Q6_K, f"{cat} #{i} of {n} is a 'more bits' layer in {f}: Q6_K"
         elif f == "Q4_K_S" and i < 4:
-            t, why = T.Q5_K, f"{cat} #{i} in Q4_K_S: Q5_K (first four)"
-        if hp.is_70b and t in (T.Q3_K, T.Q4_K):
-            t, why = T.Q5_K, f"{cat} in a 70B GQA model: Q5_K"
+            t, why = QType.Q5_K, f"{cat} #{i} in Q4_K_S: Q5_K (first four)"
+        if hp.is_70b and t in (QType.Q3_K, QType.Q4_K):
+            t, why = QType.Q5_K, f"{cat} in a 70B GQA model: Q5_K"
         if hp.n_expert == 8:
-            t, why = T.Q8_0, f"{cat} in an 8-expert model: Q8_0"
+            t, why = QType.Q8_0, f"{cat} in an 8-expert model: Q8_0"
         c.i_attention_wv += 1
         return t, why, False
 
     if cat == "attn_k":
         if hp.n_expert == 8:
-            return T.Q8_0, "attn_k in an 8-expert model: Q8_0", False
+            return QType.Q8_0, "attn_k in an 8-expert model: Q8_0", False
         return t, None, False
 
     if cat == "ffn_down":
@@ -193,32 +193,32 @@ def _rule(name: str, cat: str, ncols: int, ft: FileType, hp: Hparams, c: _Counte
         c.i_ffn_down += 1
         why = None
         if f == "Q2_K":
-            t, why = T.Q3_K, "ffn_down in Q2_K: Q3_K"
+            t, why = QType.Q3_K, "ffn_down in Q2_K: Q3_K"
         elif f == "Q2_K_S":
             if i < n // 8:
-                t, why = T.Q4_K, f"ffn_down of layer {i} (first eighth) in Q2_K_S: Q4_K"
+                t, why = QType.Q4_K, f"ffn_down of layer {i} (first eighth) in Q2_K_S: Q4_K"
         elif f == "Q3_K_M":
             if i < n // 16:
-                t, why = T.Q5_K, f"ffn_down of layer {i} (first sixteenth) in Q3_K_M: Q5_K"
+                t, why = QType.Q5_K, f"ffn_down of layer {i} (first sixteenth) in Q3_K_M: Q5_K"
             elif not falcon or use_more_bits(i, n):
-                t, why = T.Q4_K, f"ffn_down of layer {i} in Q3_K_M: Q4_K"
+                t, why = QType.Q4_K, f"ffn_down of layer {i} in Q3_K_M: Q4_K"
         elif f == "Q3_K_L":
-            t = T.Q4_K if falcon else T.Q5_K
+            t = QType.Q4_K if falcon else QType.Q5_K
             why = f"ffn_down in Q3_K_L: {t.name}"
         elif f == "Q4_K_M":
             if falcon:
-                t = T.Q6_K if i < n // 16 else T.Q5_K if use_more_bits(i, n) else T.Q4_K
+                t = QType.Q6_K if i < n // 16 else QType.Q5_K if use_more_bits(i, n) else QType.Q4_K
                 why = f"ffn_down of layer {i} in Q4_K_M (falcon): {t.name}" if t != ft.default else None
             elif use_more_bits(i, n):
-                t, why = T.Q6_K, f"ffn_down of layer {i} of {n} is a 'more bits' layer in Q4_K_M: Q6_K"
+                t, why = QType.Q6_K, f"ffn_down of layer {i} of {n} is a 'more bits' layer in Q4_K_M: Q6_K"
         elif i < n // 8 and f in ("IQ4_NL", "IQ4_XS") and not has_imatrix:
-            t, why = T.Q5_K, f"ffn_down of layer {i} (first eighth) in {f} without an imatrix: Q5_K"
+            t, why = QType.Q5_K, f"ffn_down of layer {i} (first eighth) in {f} without an imatrix: Q5_K"
         elif f == "Q5_K_M" and use_more_bits(i, n):
-            t, why = T.Q6_K, f"ffn_down of layer {i} of {n} is a 'more bits' layer in Q5_K_M: Q6_K"
+            t, why = QType.Q6_K, f"ffn_down of layer {i} of {n} is a 'more bits' layer in Q5_K_M: Q6_K"
         elif f == "Q4_K_S" and not falcon and i < n // 8:
-            t, why = T.Q5_K, f"ffn_down of layer {i} (first eighth) in Q4_K_S: Q5_K"
+            t, why = QType.Q5_K, f"ffn_down of layer {i} (first eighth) in Q4_K_S: Q5_K"
         elif f in ("Q4_0", "Q5_0") and has_imatrix and i < n // 8:
-            t = T.Q4_1 if f == "Q4_0" else T.Q5_1
+            t = QType.Q4_1 if f == "Q4_0" else QType.Q5_1
             why = f"ffn_down of layer {i} (first eighth) in {f} with an imatrix: {t.name}"
         return t, why, False
 
@@ -226,21 +226,21 @@ def _rule(name: str, cat: str, ncols: int, ft: FileType, hp: Hparams, c: _Counte
         if not falcon:
             if hp.n_expert == 8:
                 if f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"):
-                    return T.Q5_K, f"attn_output in an 8-expert model ({f}): Q5_K", False
+                    return QType.Q5_K, f"attn_output in an 8-expert model ({f}): Q5_K", False
             elif f in ("Q2_K", "Q3_K_M", "Q3_K_L"):
-                t = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}[f]
+                t = {"Q2_K": QType.Q3_K, "Q3_K_M": QType.Q4_K, "Q3_K_L": QType.Q5_K}[f]
                 return t, f"attn_output in {f}: {t.name}", False
         elif f == "Q3_K_L":
-            return T.Q4_K, "attn_output in Q3_K_L (falcon): Q4_K", False
+            return QType.Q4_K, "attn_output in Q3_K_L (falcon): Q4_K", False
     return t, None, False
 
 
 #: tensor_type_fallback: the 32-block type each 256-block type falls back to
-_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
-             T.IQ4_XS: T.IQ4_NL}
+_FALLBACK = {QType.Q2_K: QType.Q4_0, QType.Q3_K: QType.Q4_0, QType.Q4_K: QType.Q5_0, QType.Q5_K: QType.Q5_1, QType.Q6_K: QType.Q8_0,
+             QType.IQ4_XS: QType.IQ4_NL}
 
 
-def _fallback(ncols: int, t: T) -> tuple[T, str | None]:
+def _fallback(ncols: int, t: QType) -> tuple[QType, str | None]:
     qk = block_size(t)
     if ncols % qk == 0:
         return t, None
@@ -252,16 +252,16 @@ def _fallback(ncols: int, t: T) -> tuple[T, str | None]:
     why = f"{ncols} columns are not a multiple of {t.name}'s block {qk}"
     if ncols % block_size(out) != 0:
         # llama.cpp gives up on quantizing such an unusual shape and stores F16
-        return T.F16, why + " (nor of 32): F16"
+        return QType.F16, why + " (nor of 32): F16"
     return out, why + f": falls back to {out.name}"
 
 
-def requires_imatrix(name: str, qtype: T, ft: FileType) -> bool:
+def requires_imatrix(name: str, qtype: QType, ft: FileType) -> bool:
     """tensor_requires_imatrix: a Q2_K tensor of a Q2_K_S file (embedding and output excepted; the
     IQ1/IQ2/IQ3_XXS types that also need one are not among ours)."""
     if category(name) in ("token_embd", "output"):
         return False
-    return qtype == T.Q2_K and ft.name == "Q2_K_S"
+    return qtype == QType.Q2_K and ft.name == "Q2_K_S"
 
 
 def check_imatrix_given(ftype: FileType | str, choices: dict[str, Choice], has_imatrix: bool) -> None:
@@ -294,7 +294,7 @@ def choose_types(
     info = {}
     for t in tensors:
         name, shape = t[0], tuple(int(s) for s in t[1])
-        stored = T(t[2]) if len(t) > 2 and t[2] is not None else T.F32
+        stored = QType(t[2]) if len(t) > 2 and t[2] is not None else QType.F32
         info[name] = (shape, stored)
     order = llama_order(info)
     cats = {n: category(n) for n in order}

@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES
-from gguf import GGMLQuantizationType as Q
+from gguf import GGMLQuantizationType as QType
 
 
 @dataclass(frozen=True)
 class QuantType:
-    qtype: Q
+    qtype: QType
     #: "module.function" of the kernel in this package; None for F32 (a copy of the bytes)
     kernel_name: str | None
     mirrors: str  # the ggml function whose bytes the kernel reproduces
@@ -38,7 +38,7 @@ class QuantType:
     @property
     def checks_finite(self) -> bool:
         """Block types refuse NaN/inf (ggml would write garbage); float types store them."""
-        return self.qtype not in (Q.F32, Q.F16, Q.BF16)
+        return self.qtype not in (QType.F32, QType.F16, QType.BF16)
 
     def kernel(self) -> Callable:
         return _load(self.kernel_name)
@@ -52,29 +52,29 @@ def _load(dotted: str) -> Callable:
     return getattr(importlib.import_module(f".{module}", __package__), name)
 
 
-TABLE: dict[Q, QuantType] = {t.qtype: t for t in [
-    QuantType(Q.F32, None, "memcpy"),
-    QuantType(Q.F16, "legacy.quantize_f16", "ggml_fp32_to_fp16_row"),
-    QuantType(Q.BF16, "legacy.quantize_bf16", "ggml_fp32_to_bf16_row_ref"),
-    QuantType(Q.Q8_0, "legacy.quantize_q8_0", "quantize_row_q8_0_ref"),
-    QuantType(Q.Q4_0, "legacy.quantize_q4_0", "quantize_row_q4_0_ref / quantize_row_q4_0_impl",
+TABLE: dict[QType, QuantType] = {t.qtype: t for t in [
+    QuantType(QType.F32, None, "memcpy"),
+    QuantType(QType.F16, "legacy.quantize_f16", "ggml_fp32_to_fp16_row"),
+    QuantType(QType.BF16, "legacy.quantize_bf16", "ggml_fp32_to_bf16_row_ref"),
+    QuantType(QType.Q8_0, "legacy.quantize_q8_0", "quantize_row_q8_0_ref"),
+    QuantType(QType.Q4_0, "legacy.quantize_q4_0", "quantize_row_q4_0_ref / quantize_row_q4_0_impl",
               "weighted.quantize_q4_0_w"),
-    QuantType(Q.Q4_1, "legacy.quantize_q4_1", "quantize_row_q4_1_ref / quantize_row_q4_1_impl",
+    QuantType(QType.Q4_1, "legacy.quantize_q4_1", "quantize_row_q4_1_ref / quantize_row_q4_1_impl",
               "weighted.quantize_q4_1_w"),
-    QuantType(Q.Q5_0, "legacy.quantize_q5_0", "quantize_row_q5_0_ref / quantize_row_q5_0_impl",
+    QuantType(QType.Q5_0, "legacy.quantize_q5_0", "quantize_row_q5_0_ref / quantize_row_q5_0_impl",
               "weighted.quantize_q5_0_w"),
-    QuantType(Q.Q5_1, "legacy.quantize_q5_1", "quantize_row_q5_1_ref / quantize_row_q5_1_impl",
+    QuantType(QType.Q5_1, "legacy.quantize_q5_1", "quantize_row_q5_1_ref / quantize_row_q5_1_impl",
               "weighted.quantize_q5_1_w"),
-    QuantType(Q.Q2_K, "kquants_low.quantize_q2_k", "quantize_row_q2_K_ref / quantize_row_q2_K_impl",
+    QuantType(QType.Q2_K, "kquants_low.quantize_q2_k", "quantize_row_q2_K_ref / quantize_row_q2_K_impl",
               "weighted.quantize_q2_k_w"),
-    QuantType(Q.Q3_K, "kquants_low.quantize_q3_k", "quantize_row_q3_K_ref / quantize_row_q3_K_impl",
+    QuantType(QType.Q3_K, "kquants_low.quantize_q3_k", "quantize_row_q3_K_ref / quantize_row_q3_K_impl",
               "weighted.quantize_q3_k_w"),
-    QuantType(Q.Q4_K, "kquants.quantize_q4_k", "quantize_row_q4_K_ref / quantize_row_q4_K_impl",
+    QuantType(QType.Q4_K, "kquants.quantize_q4_k", "quantize_row_q4_K_ref / quantize_row_q4_K_impl",
               "weighted.quantize_q4_k_w"),
-    QuantType(Q.Q5_K, "kquants.quantize_q5_k", "quantize_row_q5_K_ref / quantize_row_q5_K_impl",
+    QuantType(QType.Q5_K, "kquants.quantize_q5_k", "quantize_row_q5_K_ref / quantize_row_q5_K_impl",
               "weighted.quantize_q5_k_w"),
-    QuantType(Q.Q6_K, "kquants.quantize_q6_k", "quantize_row_q6_K_ref / quantize_row_q6_K_impl",
+    QuantType(QType.Q6_K, "kquants.quantize_q6_k", "quantize_row_q6_K_ref / quantize_row_q6_K_impl",
               "weighted.quantize_q6_k_w"),
-    QuantType(Q.IQ4_NL, None, "quantize_iq4_nl", "weighted.quantize_iq4_nl"),
-    QuantType(Q.IQ4_XS, None, "quantize_iq4_xs", "weighted.quantize_iq4_xs"),
+    QuantType(QType.IQ4_NL, None, "quantize_iq4_nl", "weighted.quantize_iq4_nl"),
+    QuantType(QType.IQ4_XS, None, "quantize_iq4_xs", "weighted.quantize_iq4_xs"),
 ]}

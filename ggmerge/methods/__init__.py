@@ -89,12 +89,6 @@ class Method:
     sparsify: str | None = None
     consensus: str | None = None
 
-    def unknown(self, names) -> list[str]:
-        """Parameter names this method does not know (mergekit silently ignores them; the recipe
-        layer should warn, with :func:`did_you_mean` against ``self.model_params | self.params``)."""
-        known = set(self.model_params) | set(self.params)
-        return [n for n in names if n not in known]
-
     def complete(
         self,
         model_params: list[dict[str, Any]],

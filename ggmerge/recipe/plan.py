@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..arch import TIED_HEAD, Family, family_for, served_name
+from ..dtypes import FLOAT_STORAGE
 from ..errors import GGMergeError, raise_all
 from ..tokenizer.vocab import Vocab
 from .params import resolve_all
@@ -124,7 +125,6 @@ def plan_recipe(recipe: Recipe, inputs: Inputs) -> list[StageInfo]:
 
 
 #: stored safetensors dtypes a model can be kept in
-_STORED = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 #: dtype when a recipe gives none and no input tells (GGUF inputs: mergekit cannot read them)
 DEFAULT_DTYPE = torch.bfloat16
 
@@ -165,7 +165,7 @@ def _source_dtype(src) -> torch.dtype | None:
         return None
     counts: dict[torch.dtype, int] = {}
     for name in src.names():
-        dt = _STORED.get(src.dtype(name))
+        dt = FLOAT_STORAGE.get(src.dtype(name))
         if dt is not None:
             counts[dt] = counts.get(dt, 0) + int(np.prod(src.shape(name), dtype=np.int64))
     if not counts:

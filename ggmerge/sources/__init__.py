@@ -81,20 +81,17 @@ def _open_with_lora(spec: str, root: Path | None, offline: bool) -> TensorSource
     return LoraSource(model, Path(adapter), spec)
 
 
-def open_source(spec: str | os.PathLike, *, offline: bool = True,
-                hub_offline: bool | None = None, root: Path | None = None) -> TensorSource:
+def open_source(spec: str | os.PathLike, *, offline: bool = True, root: Path | None = None) -> TensorSource:
     """Open ``spec`` as a tensor source.
 
     ``spec`` may be an HF model folder (``config.json`` + ``*.safetensors``, sharded or not), a single
     ``.safetensors`` file (config from its folder), a ``.gguf`` file, or a Hub id ``org/name`` /
     ``org/name@revision`` looked up in the local HF cache (downloaded when ``offline`` is False).
-    A local path wins over a Hub id of the same spelling. ``hub_offline`` is an alias of ``offline``.
+    A local path wins over a Hub id of the same spelling.
     ``MODEL+ADAPTER`` (mergekit's LoRA reference) opens MODEL with the PEFT LoRA adapter folder ADAPTER
     merged in (:class:`~ggmerge.sources.lora.LoraSource`); relative parts are looked up under ``root``
     (the recipe's folder) first.
     """
-    if hub_offline is not None:
-        offline = hub_offline
     path = Path(os.path.expanduser(str(spec)))
     if "+" in str(spec) and not path.exists():
         return _open_with_lora(str(spec), root, offline)

@@ -2,7 +2,7 @@
 
 A source is opened once, lists its tensors under **Hugging Face names** (``model.layers.0.self_attn.q_proj.weight``),
 reports shape and stored dtype without reading data, and loads one tensor at a time as a float32
-``torch.Tensor`` (memory-mapped where the format allows; never the whole model). A source also
+``torch.Tensor`` (read with positional reads, one tensor at a time; never the whole model). A source also
 carries the model's ``config.json`` dict and a path to a folder with its tokenizer files (for GGUF
 sources that folder is synthesised from the GGUF vocabulary).
 """

@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import threading
 import weakref
-from functools import lru_cache
 from pathlib import Path
 
 import gguf
@@ -29,45 +28,11 @@ import torch
 
 from ..arch import DERIVED, family_for_gguf
 from ..errors import GGMergeError, did_you_mean
-from .gguf_data import read_tensor_data
+from .gguf_data import dequantizable, field, open_reader, read_tensor_data
 
 log = logging.getLogger(__name__)
 
-_Q = gguf.GGMLQuantizationType
-
-
-@lru_cache(maxsize=None)
-def dequantizable(qtype: gguf.GGMLQuantizationType) -> bool:
-    """Whether gguf-py can dequantize ``qtype`` (probed on one zero block: gguf-py has no public table)."""
-    if qtype in (_Q.F32, _Q.F16):
-        return True
-    try:
-        _, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
-    except Exception:  # noqa: BLE001 - NotImplementedError, or a codec that cannot run here
-        return False
-    return True
-
-
-def open_reader(path: Path) -> gguf.GGUFReader:
-    """``GGUFReader`` with its failures (bad magic, truncation, unknown types) as one GGMergeError."""
-    from ..limits import check_gguf_header
-
-    check_gguf_header(path)  # bound every count and length before gguf-py believes them
-    try:
-        return gguf.GGUFReader(path, "r")
-    except FileNotFoundError:
-        raise GGMergeError("no such file", path=path) from None
-    except (ValueError, OSError, IndexError, KeyError, TypeError) as exc:
-        raise GGMergeError(f"not a readable GGUF file ({type(exc).__name__}: {exc})", path=path) from None
-
-
-def field(reader: gguf.GGUFReader, key: str, default=None):
-    """A metadata value as a Python value (str, int, float, bool or list), or ``default``."""
-    f = reader.get_field(key)
-    if f is None:
-        return default
-    return f.contents()
+QType = gguf.GGMLQuantizationType
 
 
 class GGUFSource:
@@ -154,7 +119,7 @@ class GGUFSource:
     def load(self, name: str) -> torch.Tensor:
         t = self._get(name)
         data = self._read(t)
-        if t.tensor_type == _Q.BF16 and data.dtype == np.uint8 and data.size:
+        if t.tensor_type == QType.BF16 and data.dtype == np.uint8 and data.size:
             # the same exact widening as gguf-py's BF16 dequantize (bits << 16), without its int32
             # temporary the size of the float32 result: one allocation instead of two
             w = torch.from_numpy(data.reshape(-1)).view(torch.bfloat16).float().reshape(self.shape(name))

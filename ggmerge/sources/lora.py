@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..dtypes import FLOAT_STORAGE
 from ..errors import GGMergeError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -43,7 +44,6 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.default)?\
 #: merged tensors kept for row reads (one per evaluator thread is enough; a few more cost little)
 _KEEP = 4
 
-_TORCH_OF = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -199,7 +199,7 @@ class LoraSource:
             if t is not None:
                 self._kept.move_to_end(name)
                 return t
-        stored = _TORCH_OF.get(self.inner.dtype(name).upper())
+        stored = FLOAT_STORAGE.get(self.inner.dtype(name).upper())
         w = self.inner.load(name)
         if stored is not None:
             w = w.to(stored)

@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-#: safetensors refuses headers above 100 MB; so do we, before reading one into memory
-MAX_HEADER = 100_000_000
 
 #: safetensors dtype -> torch dtype, for the types read straight into a torch buffer (every type torch
 #: has); the rest (sub-byte floats) go through safe_open's own reader

@@ -53,7 +53,7 @@ def padded(vocab: Vocab, n_rows: int) -> tuple[list[str], list[float], list[int]
     )
 
 
-def write_gguf(writer: gguf.GGUFWriter, vocab: Vocab, n_rows: int) -> None:
+def write_vocab(writer: gguf.GGUFWriter, vocab: Vocab, n_rows: int) -> None:
     """Add ``vocab`` as ``tokenizer.ggml.*`` KVs, padded to ``n_rows`` (the embedding's row count)."""
     if vocab.model not in MODELS:
         raise GGMergeError(f"tokenizer model '{vocab.model}' cannot be written (expected one of {MODELS})",

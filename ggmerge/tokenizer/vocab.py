@@ -1,7 +1,7 @@
 """One in-memory vocabulary, whatever file it came from.
 
 Readers build a :class:`Vocab` from an HF tokenizer folder (``hf_vocab.read_hf``) or from GGUF
-metadata (``gguf_vocab.read_gguf``); writers put it into GGUF metadata (``gguf_vocab.write_gguf``) or
+metadata (``gguf_vocab.read_gguf``); writers put it into GGUF metadata (``gguf_vocab.write_vocab``) or
 back into HF tokenizer files (``hf_files.write_hf``). The union tokenizer produces one too.
 
 Token types use gguf-py's ``gguf.TokenType`` numbering (NORMAL=1, UNKNOWN=2, CONTROL=3,

@@ -32,13 +32,11 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from ..atomic import atomic_path
-from ..dtypes import parse_dtype, round_to
+from ..dtypes import CONFIG_NAME, STORAGE_NAME, parse_dtype, round_to
 from ..errors import GGMergeError
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-CONFIG_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 INDEX_NAME = "model.safetensors.index.json"
 _CHUNK = 1 << 18  # elements rounded and written at a time
 SINGLE_NAME = "model.safetensors"
@@ -113,7 +111,7 @@ class HFWriter:
             raise GGMergeError("writing safetensors needs a little-endian machine")
         self.folder = Path(folder)
         self.dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-        if self.dtype not in SAFETENSORS_DTYPE:
+        if self.dtype not in STORAGE_NAME:
             raise GGMergeError(f"HF output dtype must be bf16, f16 or f32, not {self.dtype}", key="dtype")
         self._itemsize = torch.empty(0, dtype=self.dtype).element_size()
         self.max_shard_bytes = int(max_shard_bytes)
@@ -185,7 +183,7 @@ class HFWriter:
                 raise GGMergeError(f"cannot write: {exc.strerror or exc}", path=self.folder,
                                    tensor=name) from None
             raise
-        cur.entries.append((name, SAFETENSORS_DTYPE[self.dtype], list(shape), cur.size, cur.size + nbytes))
+        cur.entries.append((name, STORAGE_NAME[self.dtype], list(shape), cur.size, cur.size + nbytes))
         cur.size += nbytes
         self.total_size += nbytes
         self._names.add(name)
@@ -201,7 +199,7 @@ class HFWriter:
             if not shards or (shards[-1] and size + nbytes > self.max_shard_bytes):
                 shards.append([])
                 size = 0
-            shards[-1].append((name, SAFETENSORS_DTYPE[self.dtype], list(shape), size, size + nbytes))
+            shards[-1].append((name, STORAGE_NAME[self.dtype], list(shape), size, size + nbytes))
             size += nbytes
         return shards
 
@@ -325,8 +323,8 @@ def hf_config(config: dict, dtype: torch.dtype) -> dict:
     """The config.json the writer stores for a model of ``dtype``."""
     cfg = dict(config)
     # transformers 5 reads "dtype", 4.x and most other tools "torch_dtype": say it both ways
-    cfg["torch_dtype"] = CONFIG_DTYPE[dtype]
-    cfg["dtype"] = CONFIG_DTYPE[dtype]
+    cfg["torch_dtype"] = CONFIG_NAME[dtype]
+    cfg["dtype"] = CONFIG_NAME[dtype]
     return cfg
 
 

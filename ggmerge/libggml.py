@@ -1,13 +1,13 @@
 """libggml as a reference, through ctypes.
 
-llama-cpp-python bundles ``libggml-base`` (the library holding ggml's reference quantizers,
-``quantize_row_*_ref``, and the type traits). Tests call it directly so that our codecs are compared
-with the bytes llama.cpp itself writes, not with our own reading of its source.
+llama-cpp-python bundles ``libggml-base`` (the library holding ggml's quantizers, ``ggml_quantize_chunk``,
+and the type traits). The tests and the quantizer benchmarks call it directly so that our codecs are
+compared with the bytes llama.cpp itself writes, not with our own reading of its source; ggmerge itself
+never needs it.
 
-    pytest.importorskip("llama_cpp")
-    import ggml_ref            # tests/ is on sys.path under pytest (rootdir-relative imports)
-    raw = ggml_ref.ref_quantize(x, GGMLQuantizationType.Q4_K)  # ggml_quantize_chunk(imatrix=NULL)
-    back = ggml_ref.ref_dequantize(raw, GGMLQuantizationType.Q4_K)  # the type's to_float
+    from ggmerge import libggml
+    raw = libggml.ref_quantize(x, GGMLQuantizationType.Q4_K)  # ggml_quantize_chunk(imatrix=NULL)
+    back = libggml.ref_dequantize(raw, GGMLQuantizationType.Q4_K)  # the type's to_float
 
 Importing it without llama-cpp-python installed raises ImportError.
 """
