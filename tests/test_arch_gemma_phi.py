@@ -560,6 +560,7 @@ def test_real_gemma3_vocab_rebuilt_tokenizes_like_the_original(gemma3_gguf, tmp_
     write_hf(v, tmp_path / "hf")
     back = read_hf(tmp_path / "hf")
     assert back.tokens == v.tokens and back.types == v.types and back.scores == v.scores
+    assert (back.bos_id, back.eos_id, back.unk_id, back.pad_id, back.add_bos) == (2, 1, 3, 0, True)
     ours = llama_cpp.Llama(str(_vocab_gguf(back, tmp_path / "g3.gguf", "gemma3")), vocab_only=True, verbose=False)
     orig = llama_cpp.Llama(str(gemma3_gguf), vocab_only=True, verbose=False)
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
