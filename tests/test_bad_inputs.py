@@ -246,8 +246,10 @@ def case_yaml_unclosed_bracket(env):
 
 @case
 def case_yaml_duplicate_key(env):
-    return env.build("merge_method: linear\nmerge_method: ties\nmodels: [BASE]\n",
-                     message="duplicate key 'merge_method'", names=("ggmerge.yaml:2",))
+    # mergekit's YAML loader keeps the last value silently: a warning here, an error with --strict
+    return _strict(env.build("merge_method: linear\nmerge_method: ties\nmodels: [BASE]\n",
+                             message="key 'merge_method' is given again at line 2; the last value is used",
+                             names=("ggmerge.yaml:2",)))
 
 
 @case

@@ -6,6 +6,7 @@ tools/mergekit_compare.py checks the same functions against mergekit itself on t
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -577,3 +578,30 @@ def test_arcee_fusion_needs_exactly_one_other_model():
         METHODS["arcee_fusion"](B, [A, I], [{}, {}])
     with pytest.raises(GGMergeError, match="base_model"):
         METHODS["arcee_fusion"](None, [A], [{}])
+
+
+def test_karcher_cycle_jump_changes_no_bit(monkeypatch):
+    # tol 1e-12 is never reached in float32: the iteration cycles; jumping over the cycle must give the
+    # bits of running all max_iter steps (the reference loop below is mergekit's, step by step)
+    km = importlib.import_module("ggmerge.methods.karcher")
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(7, 5, generator=g) for _ in range(3)]
+    alphas = [1 / 3] * 3
+    for max_iter in (1, 2, 7, 50, 333):
+        fast = km.karcher_mean(xs, alphas, max_iter, 1e-12)
+        monkeypatch.setattr(km.hashlib, "blake2b", _NeverSeen)
+        slow = km.karcher_mean(xs, alphas, max_iter, 1e-12)
+        monkeypatch.undo()
+        assert torch.equal(fast, slow), max_iter
+
+
+class _NeverSeen:
+    """A digest that is always new: disables the cycle jump."""
+    n = 0
+
+    def __init__(self, *a, **k):
+        _NeverSeen.n += 1
+
+    def digest(self):
+        return _NeverSeen.n.to_bytes(8, "little")

@@ -318,3 +318,26 @@ def test_modules_default_is_the_plain_form(tmp_path):
         parse_recipe("merge_method: linear\nmodules:\n  text_decoder: {models: [a]}\n", tmp_path / "u.yaml")
     with pytest.raises(GGMergeError, match="exactly one of 'models', 'slices' or 'modules'"):
         parse_recipe("merge_method: linear\nmodels: [a]\nmodules:\n  default: {models: [a]}\n", tmp_path / "v.yaml")
+
+
+def test_filter_entry_without_filter_key_matches_everything(tmp_path, caplog):
+    # mergekit's own examples/gradient-slerp.yml writes `pattern:`; mergekit's pydantic model drops it,
+    # so each entry has no filter and the first one matches every tensor: the same here, with a warning
+    text = ("merge_method: slerp\nbase_model: a\nmodels: [a, b]\nparameters:\n  t:\n"
+            "    - pattern: self_attn\n      value: [0, 1]\n    - value: 0.5\n")
+    with caplog.at_level(logging.WARNING):
+        st = parse_recipe(text, tmp_path / "r.yaml").output
+    assert any("unknown key(s) ['pattern']" in r.message and "matches every tensor" in r.message
+               for r in caplog.records)
+    from ggmerge.recipe.params import resolve
+    assert resolve(st.params["t"], "model.layers.3.mlp.up_proj.weight", 3, 4, kind=float) == 1.0
+    with pytest.raises(GGMergeError, match="unknown key"):
+        parse_recipe(text, tmp_path / "r.yaml", strict=True)
+
+
+def test_duplicate_key_keeps_the_last_value(tmp_path, caplog):
+    text = "merge_method: ties\nmodels: [a]\nmerge_method: linear\n"
+    with caplog.at_level(logging.WARNING):
+        st = parse_recipe(text, tmp_path / "r.yaml").output
+    assert st.method.name == "linear"
+    assert any("key 'merge_method' is given again at line 3" in r.message for r in caplog.records)

@@ -37,10 +37,11 @@ SPARSIFIERS: dict[str, Sparsifier] = {
     "magnitude_outliers": lambda d, p, rescale, gen: sp.magnitude_outliers(
         d, p["density"], p["gamma"], rescale
     ),
-    "random": lambda d, p, rescale, gen: sp.bernoulli(
+    # density >= 1 keeps everything and draws nothing (the chunked evaluator passes no generator then)
+    "random": lambda d, p, rescale, gen: d if p["density"] >= 1 else sp.bernoulli(
         d, p["density"], _need_gen(gen, "DARE"), rescale
     ),
-    "della_magprune": lambda d, p, rescale, gen: sp.della_magprune(
+    "della_magprune": lambda d, p, rescale, gen: d if p["density"] >= 1 else sp.della_magprune(
         d, p["density"], p["epsilon"], _need_gen(gen, "DELLA"), rescale
     ),
 }

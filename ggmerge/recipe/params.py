@@ -135,11 +135,16 @@ def coerce(v: Any, kind: type | None, *, key: str | None = None) -> Any:
     raise ValueError(f"unsupported parameter kind {kind!r}")
 
 
-def validate(value: Any, *, key: str, kind: type | None = None) -> None:
+def validate(value: Any, *, key: str, kind: type | None = None) -> list[str]:
     """Check a recipe value has one of the accepted forms (and, with ``kind``, that every scalar
     converts); raise ``GGMergeError(..., key=key)`` otherwise. Mirrors what mergekit's pydantic
     model accepts: a scalar; a non-empty list of scalars; a ``{filter, value}`` mapping or a list
-    of them, whose ``value`` is a scalar or a list of scalars (no nesting of filters)."""
+    of them, whose ``value`` is a scalar or a list of scalars (no nesting of filters).
+
+    Returns what mergekit's pydantic model silently drops (unknown keys of a filter entry, such as
+    the ``pattern:`` of old recipes, which leaves that entry without a filter: it matches every
+    tensor), for the caller to warn about."""
+    ignored: list[str] = []
 
     def fail(why: str):
         raise GGMergeError(f"parameter '{key}': {why}", key=key)
@@ -170,7 +175,9 @@ def validate(value: Any, *, key: str, kind: type | None = None) -> None:
             fail(f"{where}expected a {{filter, value}} mapping, got {e!r}")
         extra = set(e) - FILTER_KEYS
         if extra:
-            fail(f"{where}unknown key(s) {sorted(extra)} (allowed: filter, value)")
+            what = "has no 'filter', so it matches every tensor" if "filter" not in e else "keeps its filter"
+            ignored.append(f"{where}unknown key(s) {sorted(extra)} (allowed: filter, value) ignored, as mergekit "
+                           f"ignores them; the entry {what}")
         if "value" not in e:
             fail(f"{where}missing 'value'")
         f = e.get("filter")
@@ -187,6 +194,7 @@ def validate(value: Any, *, key: str, kind: type | None = None) -> None:
             entry(e, i)
     else:
         scalar_or_gradient(value, "")
+    return ignored
 
 
 def resolve_all(spec: dict, chain: tuple[dict, ...], job, tensor: str) -> dict:

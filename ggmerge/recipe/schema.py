@@ -238,8 +238,22 @@ def parse_recipe(text: str, path: str | Path = "<recipe>", *, strict: bool = Fal
     return recipe
 
 
+def _warn_duplicates(node, ctx: _Ctx) -> None:
+    """Keys given twice in one mapping: mergekit's YAML loader keeps the last value; so do we, loudly."""
+    if isinstance(node, Node):
+        for key, line in node.duplicates:
+            ctx.lenient(f"key '{key}' is given again at line {line}; the last value is used", node, key)
+        for v in node.values():
+            _warn_duplicates(v, ctx)
+    elif isinstance(node, list):
+        for v in node:
+            _warn_duplicates(v, ctx)
+
+
 def _parse_recipe(text: str, path: Path, ctx: _Ctx) -> Recipe:
     docs = load_documents(text, path)
+    for doc in docs:
+        _warn_duplicates(doc, ctx)
     by_name: dict[str, Stage] = {}
     order: list[Stage] = []
     output_doc = None
@@ -608,19 +622,17 @@ def _check_value(k: str, v, ctx: _Ctx, node) -> None:
     from .params import validate
 
     try:
-        validate(v, key=k, kind=PARAM_KINDS.get(k))
+        ignored = validate(v, key=k, kind=PARAM_KINDS.get(k))
     except GGMergeError as exc:
         raise ctx.err(exc.message, node, k) from None  # the message already names the parameter
+    for what in ignored:  # e.g. the old `pattern:` key: mergekit drops it, so the entry has no filter
+        ctx.lenient(f"parameter '{k}': {what}", node, k)
     if isinstance(v, list) and not v:
         raise ctx.err(f"parameter '{k}' is an empty list", node, k)
     if isinstance(v, list):
         for e in v:
             if isinstance(e, dict) and "value" not in e:
                 raise ctx.err(f"parameter '{k}': filter entries need 'value'", node, k)
-            if isinstance(e, dict):
-                for kk in e:
-                    if kk not in ("filter", "value"):
-                        raise ctx.err(f"parameter '{k}': unknown key '{kk}' in a filter entry", node, k)
     for s in _scalars(v):
         if isinstance(s, str) and k in RANGES:
             try:

@@ -13,6 +13,8 @@ class Node(dict):
 
     line: int = 0
     key_lines: dict
+    #: (key, line) of each key given again in this mapping: the last value wins, as in PyYAML
+    duplicates: list = ()
 
     def line_of(self, key) -> int:
         return self.key_lines.get(key, self.line)
@@ -31,12 +33,12 @@ def _mapping(loader: _Loader, node: yaml.MappingNode) -> Node:
     out = Node()
     out.line = node.start_mark.line + 1
     out.key_lines = {}
+    out.duplicates = []
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         if key in out:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key '{key}'", key_node.start_mark
-            )
+            # PyYAML (and so mergekit) keeps the last value silently; the recipe layer warns
+            out.duplicates.append((key, key_node.start_mark.line + 1))
         out[key] = loader.construct_object(value_node, deep=True)
         out.key_lines[key] = key_node.start_mark.line + 1
     return out
