@@ -60,13 +60,54 @@ def synthetic_imatrix(src: Path, path: Path, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     entries = {}
     for i, t in enumerate(gguf.GGUFReader(src).tensors):
-        if len(t.shape) < 2 or t.name.startswith(("token_embd", "output.")):
+        if len(t.shape) < 2 or t.name.startswith(("token_embd", "output.")) or "gate_inp" in t.name:
             continue
         n = int(t.shape[0])
-        sums = (rng.standard_normal(n) ** 2 * 40).astype(np.float32)
-        sums[rng.integers(0, n, 3)] *= 300
-        entries[t.name] = (sums, 0 if i == 7 else int(rng.integers(50, 5000)))
+        n_mat = int(t.shape[2]) if len(t.shape) == 3 else 1  # experts: one row and one count each
+        sums = (rng.standard_normal((n_mat, n)) ** 2 * 40).astype(np.float32)
+        sums[:, rng.integers(0, n, 3)] *= 300
+        counts = rng.integers(50, 5000, n_mat)
+        if i == 7 or n_mat > 1:
+            counts[-1] = 0  # an expert (or matrix) that saw nothing: weights of 1
+        entries[t.name] = (sums if n_mat > 1 else sums[0], counts if n_mat > 1 else int(counts[0]))
     return write_imatrix(path, entries, datasets=["synthetic.txt"], chunk_count=3, chunk_size=128)
+
+
+def write_tiny_moe(path: Path, n_expert: int = 4, seed: int = 3) -> Path:
+    """A tiny llama-architecture mixture of experts (Mixtral's layout: 3-D ``ffn_*_exps`` tensors)."""
+    from test_policy import llama_tensors
+
+    rng = np.random.default_rng(seed)
+    n_layer, n_embd, n_ff, n_head, n_head_kv, n_vocab = 2, 256, 512, 4, 1, 320
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(n_layer)
+    w.add_context_length(256)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_expert_count(n_expert)
+    w.add_expert_used_count(2)
+    w.add_file_type(1)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"▁t{i}" for i in range(n_vocab - len(tokens))]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([-float(i) for i in range(n_vocab)])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (n_vocab - 259))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for name, shape in llama_tensors(n_layer, n_embd, n_ff, n_head, n_head_kv, n_vocab, n_expert=n_expert):
+        x = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+        w.add_tensor(name, x if len(shape) == 1 or "gate_inp" in name else x.astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +137,23 @@ def test_tiny_same_file_as_llama_quantize_imatrix(tiny, model, ftype, tmp_path):
     assert fields["quantize.imatrix.file"].contents() == str(im)
     assert fields["quantize.imatrix.dataset"].contents() == "synthetic.txt"
     assert fields["quantize.imatrix.chunks_count"].contents() == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "IQ4_XS", "Q3_K_M"])
+def test_experts_same_file_as_llama_quantize_imatrix(ftype, tmp_path):
+    """3-D expert tensors: each expert's rows use its own imatrix row (counts divided per expert, an
+    expert with no count gets weights of 1), as llama_tensor_quantize_impl does."""
+    src = write_tiny_moe(tmp_path / "moe.F16.gguf")
+    im = synthetic_imatrix(src, tmp_path / "moe.imatrix.gguf")
+    assert load_imatrix(im).for_tensor("blk.0.ffn_down_exps.weight", 512, 4).shape == (4, 512)
+    ref = reference(src, tmp_path / "ref.gguf", ftype, str(im))
+    ours = quantize(ftype, str(src), str(tmp_path / "ours.gguf"), imatrix=str(im))
+    assert_same_file(ours, ref)
+    plain = quantize(ftype, str(src), str(tmp_path / "plain.gguf"))  # the weights did change the experts
+    exps = {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(plain).tensors if "_exps" in t.name}
+    assert all(exps[t.name] != np.asarray(t.data).tobytes()
+               for t in gguf.GGUFReader(ours).tensors if t.name in exps)
 
 
 def test_q2_k_s_needs_an_imatrix(tiny, tmp_path):
