@@ -38,8 +38,10 @@ def _llama_perplexity(ggufs, tmp_path):
     from llama_tools import EVAL_FLAGS, tool
 
     exe, base = tool("llama-perplexity"), tmp_path / "base.kld"
+    # one window per batch, no flash attention, F32 cache: the computation llama-cpp-python runs (with its
+    # defaults llama-perplexity batches windows and uses flash attention, which moves PPL by a few per mille)
     common = ["-f", numpy_license(), "-c", CTX, "--chunks", CHUNKS, "-ctk", "f32", "-ctv", "f32", "-t", 2,
-              *EVAL_FLAGS]
+              "-b", CTX, "-fa", "off", *EVAL_FLAGS]
     r = subprocess.run([exe, "-m", ggufs["F32"], "--kl-divergence-base", base, *map(str, common)], check=True,
                        capture_output=True, text=True)
     # the base run's PPL is exact; the --kl-divergence runs' "PPL(base)" is read back from 16-bit steps
@@ -71,11 +73,11 @@ def test_text_mode_matches_llama_perplexity(ours, tiny_ggufs, tmp_path):
         by_type = {r["file_type"]: r for r in rep["results"]}
         for t in ("Q8_0", "Q4_0"):
             r, th = by_type[t], theirs[t]
-            assert r["ppl"] == pytest.approx(th["ppl"], rel=5e-3), (engine, t)
-            assert r["ref_ppl"] == pytest.approx(theirs["ref_ppl"], rel=5e-3), (engine, t)
+            assert r["ppl"] == pytest.approx(th["ppl"], rel=1e-4), (engine, t)
+            assert r["ref_ppl"] == pytest.approx(theirs["ref_ppl"], rel=1e-4), (engine, t)
             assert r["kld_mean"] == pytest.approx(th["kld"], rel=0.03), (engine, t, r["kld_mean"], th["kld"])
             # llama-perplexity's own estimator (16-bit reference log-probs, e⁻¹⁶ cut) on our logits
-            assert r["kld_mean_llama"] == pytest.approx(th["kld"], rel=0.005), (engine, t, r["kld_mean_llama"])
+            assert r["kld_mean_llama"] == pytest.approx(th["kld"], rel=2e-3), (engine, t, r["kld_mean_llama"])
             # llama-perplexity picks the reference top-1 from 16-bit log-prob steps: near-ties of this
             # random model can rank differently (5 of 252 tokens seen)
             assert 100 * r["top1_agreement"] == pytest.approx(th["top"], abs=3.0), (engine, t)
