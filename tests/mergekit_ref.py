@@ -1,8 +1,9 @@
 """mergekit 0.1.5 as a reference, where it is installed: its own ``mergekit-yaml`` in its own venv.
 
 The venv is ``$GGMERGE_MERGEKIT_VENV`` (default: the benchmark venv on the development machine,
-/tmp/ggmerge-bench/venv-mergekit; ``pip install -e '.[mergekit]'`` does not provide it, because mergekit
-pins its own torch/transformers). Tests that compare with mergekit skip with the reason when it is absent.
+/tmp/ggmerge-bench/venv-mergekit; ``python -m venv V && V/bin/pip install mergekit==0.1.5`` makes one — a
+separate venv because mergekit pins its own torch/transformers/peft). Tests that compare with mergekit skip
+with the reason when it is absent.
 """
 from __future__ import annotations
 
