@@ -40,7 +40,7 @@ DOC_KEYS = {
 MODEL_KEYS = {"model", "parameters", "layer_range"}
 SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
 TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
-GGMERGE_KEYS = {"name", "seed", "shard_size", "keep_stages", "miniature", "gguf"}
+GGMERGE_KEYS = {"name", "seed", "shard_size", "miniature", "gguf"}
 #: merge methods mergekit 0.1.5 has and ggmerge does not (yet): refused with a message saying so
 MERGEKIT_ONLY_METHODS = {"multislerp", "nearswap", "ram", "ramplus_tl"}
 
@@ -131,7 +131,6 @@ class Recipe:
     name: str
     seed: int
     shard_size: int
-    keep_stages: list[str]
     #: folder (relative to the recipe) where the bundled miniature lineage is created on first use
     miniature: str | None = None
     #: llama.cpp file types every build also writes as GGUF files (``ggmerge.gguf``)
@@ -285,15 +284,9 @@ def _parse_recipe(text: str, path: Path, ctx: _Ctx) -> Recipe:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ctx.err(f"seed must be an integer, got {seed!r}", gg, "seed")
     shard = gg.get("shard_size", "5GB")
-    keep = gg.get("keep_stages") or []
-    for k in keep:
-        if _stage_lookup(by_name, str(k)) is None:
-            raise ctx.err(f"keep_stages names unknown stage '{k}'{did_you_mean(k, by_name)}", gg, "keep_stages")
     mini = gg.get("miniature")
     if mini is not None and not isinstance(mini, str):
         raise ctx.err("'miniature' must be a folder name", gg, "miniature")
-    if keep:
-        raise ctx.err("keep_stages (writing intermediate stages) is not supported yet", gg, "keep_stages")
     gguf = gg.get("gguf") or []
     if isinstance(gguf, str):
         gguf = [t for t in gguf.split(",")]
@@ -306,7 +299,7 @@ def _parse_recipe(text: str, path: Path, ctx: _Ctx) -> Recipe:
     except GGMergeError as exc:
         raise ctx.err(exc.message, gg, "gguf") from None
     return Recipe(path=path, text=text, stages=stages, name=name, seed=seed,
-                  shard_size=parse_size(shard, ctx, gg), keep_stages=[str(k) for k in keep], miniature=mini,
+                  shard_size=parse_size(shard, ctx, gg), miniature=mini,
                   gguf=types)
 
 
