@@ -490,9 +490,16 @@ def case_vocab_size_mismatch(env):
 
 @case
 def case_unsupported_architecture(env):
-    m = env.variant("ft-qwen", config={"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"})
+    m = env.variant("ft-falcon", config={"architectures": ["FalconForCausalLM"], "model_type": "falcon"})
     return env.build(DARE.replace("FT1", str(m)), message="is not supported",
-                     names=("ft-qwen", "Qwen2ForCausalLM"))
+                     names=("ft-falcon", "FalconForCausalLM"))
+
+
+@case
+def case_architectures_mixed_in_one_stage(env):
+    m = env.variant("ft-qwen", config={"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"})
+    return env.build(DARE.replace("FT1", str(m)), message="models of one architecture only",
+                     names=("ft-qwen", "qwen2", "llama"))
 
 
 @case

@@ -79,18 +79,22 @@ def rope_parameters(config: dict) -> dict:
 def llama3_rope_factors(params: dict, head_dim: int) -> np.ndarray:
     """Per-frequency divisors for llama3 RoPE scaling (llama.cpp's ``rope_freqs.weight``).
 
-    The same smooth ramp as transformers' ``_compute_llama3_parameters`` and the converter's
-    ``LlamaModel.generate_extra_tensors``: wavelengths shorter than ``orig/high_freq_factor`` are kept,
-    longer than ``orig/low_freq_factor`` divided by ``factor``, interpolated in between.
+    The smooth ramp of transformers' ``_compute_llama3_parameters``: wavelengths shorter than
+    ``orig/high_freq_factor`` are kept, longer than ``orig/low_freq_factor`` divided by ``factor``,
+    interpolated in between. Computed as the converter's ``LlamaModel.generate_extra_tensors`` computes
+    it — torch float32 frequencies, wavelengths and ramp (a Python float divided by a float32 tensor
+    stays float32) — so the tensor is bit for bit llama.cpp's converter's.
     """
+    import torch
+
     base = float(params.get("rope_theta", 10000.0))
     factor = float(params.get("factor", 8.0))
     low = float(params.get("low_freq_factor", 1.0))
     high = float(params.get("high_freq_factor", 4.0))
     orig = float(params.get("original_max_position_embeddings", 8192))
-    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     out = []
-    for f in freqs.astype(np.float64):
+    for f in freqs:
         wavelen = 2 * math.pi / f
         if wavelen < orig / high:
             out.append(1.0)
@@ -98,8 +102,8 @@ def llama3_rope_factors(params: dict, head_dim: int) -> np.ndarray:
             out.append(factor)
         else:
             smooth = (orig / wavelen - low) / (high - low)
-            out.append(1.0 / ((1 - smooth) / factor + smooth))
-    return np.asarray(out, dtype=np.float32)
+            out.append(float(1 / ((1 - smooth) / factor + smooth)))
+    return torch.tensor(out, dtype=torch.float32).numpy()
 
 
 @dataclass
