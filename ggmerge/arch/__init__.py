@@ -21,17 +21,20 @@ structure    ``expected_shapes(hp, n_rows, present)`` (HF name → shape, every 
              ``vocab_tensors`` (rows indexed by token id), ``tied_head`` (``lm_head`` served from
              ``embed_tokens`` when absent), ``post_tensors`` (mergekit's ``post_weights``: taken from
              the last slice), ``extra_tensors(hp)`` (GGUF tensors derived from the config, e.g.
-             ``rope_freqs``)
+             ``rope_freqs``, Phi-3's ``rope_factors_long/short``), ``gguf_dropped`` (HF tensors the
+             converter leaves out of the GGUF: Gemma-2's tied ``lm_head``)
 layout       ``heads_for_permute(hf_name, config)`` → head count or None, ``permute(w, n)`` (HF → GGUF
              rows), ``unpermute(w, n)`` (GGUF → HF); ``to_gguf(hf_name, w, heads)`` /
              ``from_gguf(hf_name, w, heads, path=)`` apply whatever the family does to a tensor's
-             values between HF and GGUF (the permutation here; Gemma's norm +1 would go there) and
+             values between HF and GGUF (the llama permutation; Gemma's norm + 1) and
              ``transformed(hf_name)`` says whether it does anything (else rows stream through).
              Fused tensors (Phi-3's qkv_proj, gate_up_proj) are whole tensors under both names, as
              in mergekit and llama.cpp: only the name table knows them
 hparams      ``hparams(config, path)`` → :class:`~ggmerge.arch.base.Hparams` (validated: unsupported
              features are refused here, at plan time); ``write_kvs(writer, hp, name=, file_type=)``;
              ``hparams_from_gguf(reader, path)``; ``to_config(hp)``; ``config_from_gguf(reader)``
+vocabulary   ``gguf_vocab(vocab)`` — the vocabulary as the family's GGUF stores it (``add_space_prefix``
+             forced by the converter: Gemma writes false)
 quant facts  ``quant_hparams(get)`` → :class:`~ggmerge.arch.base.QuantHparams` (what llama-quantize's
              per-tensor rules read)
 
