@@ -53,8 +53,11 @@ def run(jobs: list[tuple[Path, Path, bool, list[str]]], work: Path) -> list[str 
     each failed run, None for a success."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "jobs.json").write_text(json.dumps([[str(c), str(o), m, e] for c, o, m, e in jobs]))
+    # one thread: torch splits large reductions (norms, dots) over its threads, so mergekit's own float32
+    # result on a big tensor changes in the last bits with the thread count; single-threaded it is the
+    # sequential order ggmerge computes in (which never depends on --threads)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
-                        "PYTHONWARNINGS": "ignore"}
+                        "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     r = subprocess.run([str(PYTHON), "-c", _DRIVER, str(work / "jobs.json"), str(work / "results.json")],
                        env=env, capture_output=True, text=True, cwd=work)
     if r.returncode:

@@ -92,11 +92,10 @@ CORPUS: dict[str, tuple[dict[str, str], bool]] = {
 #: the float32 cycle of the iteration instead (test_methods.py checks the jump changes no bit).
 MERGEKIT_TOO_SLOW = {"hf_lunamaid_12b_stage2.yml": "mergekit runs all 9999 karcher steps of every tensor"}
 
-#: KNOWN GAP: token-row tensors too big for one row chunk (32000 x 16) differ from mergekit by a few
-#: float32 ulps for these methods (the whole-tensor statistic is summed in another order); everything
-#: else in these recipes is bit-identical.
-KNOWN_ULPS = {"hf_lunamaid_12b_stage1.yml", "issue_model_stock.yml", "absa_nuslerp_50_50.yml",
-              "absa_slerp_t_05_with_tokenizer.yml"}
+#: KNOWN GAP: Model Stock on a tensor bigger than one row chunk (the 32000 x 16 embedding and lm_head)
+#: takes its cosines from a float64 Gram matrix gathered chunk by chunk (evaluator.py), not mergekit's
+#: float32 whole-tensor sums: those two tensors differ by a few float32 ulps; the rest is bit-identical.
+KNOWN_ULPS = {"issue_model_stock.yml"}
 
 
 def test_corpus_is_complete():
