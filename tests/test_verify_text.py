@@ -44,12 +44,14 @@ def _llama_perplexity(ggufs, tmp_path):
               "-b", CTX, "-fa", "off", *EVAL_FLAGS]
     r = subprocess.run([exe, "-m", ggufs["F32"], "--kl-divergence-base", base, *map(str, common)], check=True,
                        capture_output=True, text=True)
+    assert "Final estimate" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
     # the base run's PPL is exact; the --kl-divergence runs' "PPL(base)" is read back from 16-bit steps
     res = {"ref_ppl": float(re.search(r"Final estimate: PPL = ([\d.]+)", r.stdout + r.stderr).group(1))}
     for t in ("Q8_0", "Q4_0"):
         r = subprocess.run([exe, "-m", ggufs[t], "--kl-divergence-base", base, "--kl-divergence",
                             *map(str, common)], check=True, capture_output=True, text=True)
         txt = r.stdout + r.stderr
+        assert "Mean PPL(Q)" in txt, txt[-3000:]
         res[t] = {k: float(re.search(p, txt).group(1)) for k, p in (
             ("ppl", r"Mean PPL\(Q\)\s*:\s*([\d.]+)"),
             ("kld", r"Mean\s+KLD:\s*([\d.]+)"), ("top", r"Same top p:\s*([\d.]+)"))}
