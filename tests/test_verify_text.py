@@ -143,7 +143,8 @@ def test_too_short_text_is_one_clear_error(tiny_ggufs, tmp_path, capsys):
     out = tmp_path / "x.gguf"
     assert main(["imatrix", str(tiny_ggufs["F32"]), "--text-file", str(short), "--ctx", str(CTX),
                  "-o", str(out)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    # (llama.cpp's own loader may warn on stderr about the vocabulary-only context; ours is one line)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ggmerge:")]
     assert len(err) == 1 and "short.txt" in err[0] and "needs at least 256" in err[0]
     assert not out.exists()
 
