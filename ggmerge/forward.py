@@ -63,6 +63,27 @@ def _params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = orig
 
 
+def _fix_malloc_threshold() -> None:
+    """Keep glibc from raising its mmap threshold as layers are freed.
+
+    glibc serves blocks above ``M_MMAP_THRESHOLD`` with their own mappings (returned to the system on
+    free) but raises the threshold to the size of each freed mapped block, up to 32 MiB: after the first
+    layer is dropped, the next layer's smaller tensors land in the heap, which fragments, and the peak grew
+    by ~95 MB per layer on a 7B-wide model (BENCHMARKS.md). A fixed 1 MiB threshold turns that off.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 class _Stop(Exception):
     """Raised by a recorder to end the model's forward early (nothing after it is needed)."""
 
@@ -132,6 +153,7 @@ class LayerwiseModel:
     def __post_init__(self) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        _fix_malloc_threshold()
         cfg = dict(self.source.config())
         model_type = cfg.pop("model_type", None)
         if not model_type:

@@ -34,6 +34,16 @@ def tiny_ggufs(tiny_mistral, tmp_path_factory):
     return out
 
 
+def _run_tool(argv, marker):
+    """Run a llama.cpp tool until its output holds ``marker``: llama.cpp logs from a background thread and,
+    on a loaded machine, the process sometimes exits before the last lines are written."""
+    for _ in range(3):
+        r = subprocess.run(list(map(str, argv)), check=True, capture_output=True, text=True)
+        if marker in r.stdout + r.stderr:
+            return r.stdout + r.stderr
+    raise AssertionError(f"{marker!r} never printed:\n{(r.stdout + r.stderr)[-3000:]}")
+
+
 def _llama_perplexity(ggufs, tmp_path):
     from llama_tools import EVAL_FLAGS, tool
 
@@ -42,14 +52,12 @@ def _llama_perplexity(ggufs, tmp_path):
     # defaults llama-perplexity batches windows and uses flash attention, which moves PPL by a few per mille)
     common = ["-f", numpy_license(), "-c", CTX, "--chunks", CHUNKS, "-ctk", "f32", "-ctv", "f32", "-t", 2,
               "-b", CTX, "-fa", "off", *EVAL_FLAGS]
-    r = subprocess.run([exe, "-m", ggufs["F32"], "--kl-divergence-base", base, *map(str, common)], check=True,
-                       capture_output=True, text=True)
+    txt = _run_tool([exe, "-m", ggufs["F32"], "--kl-divergence-base", base, *common], "Final estimate")
     # the base run's PPL is exact; the --kl-divergence runs' "PPL(base)" is read back from 16-bit steps
-    res = {"ref_ppl": float(re.search(r"Final estimate: PPL = ([\d.]+)", r.stdout + r.stderr).group(1))}
+    res = {"ref_ppl": float(re.search(r"Final estimate: PPL = ([\d.]+)", txt).group(1))}
     for t in ("Q8_0", "Q4_0"):
-        r = subprocess.run([exe, "-m", ggufs[t], "--kl-divergence-base", base, "--kl-divergence",
-                            *map(str, common)], check=True, capture_output=True, text=True)
-        txt = r.stdout + r.stderr
+        txt = _run_tool([exe, "-m", ggufs[t], "--kl-divergence-base", base, "--kl-divergence", *common],
+                        "Same top p:")
         res[t] = {k: float(re.search(p, txt).group(1)) for k, p in (
             ("ppl", r"Mean PPL\(Q\)\s*:\s*([\d.]+)"),
             ("kld", r"Mean\s+KLD:\s*([\d.]+)"), ("top", r"Same top p:\s*([\d.]+)"))}
@@ -135,7 +143,8 @@ def test_too_short_text_is_one_clear_error(tiny_ggufs, tmp_path, capsys):
     out = tmp_path / "x.gguf"
     assert main(["imatrix", str(tiny_ggufs["F32"]), "--text-file", str(short), "--ctx", str(CTX),
                  "-o", str(out)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    # (llama.cpp's own loader may warn on stderr about the vocabulary-only context; ours is one line)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ggmerge:")]
     assert len(err) == 1 and "short.txt" in err[0] and "needs at least 256" in err[0]
     assert not out.exists()
 
