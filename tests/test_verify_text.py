@@ -35,11 +35,11 @@ def tiny_ggufs(tiny_mistral, tmp_path_factory):
 
 
 def _run_tool(argv, marker):
-    """Run a llama.cpp tool until its output holds ``marker``: llama.cpp logs from a background thread and,
-    on a loaded machine, the process sometimes exits before the last lines are written."""
+    """Run a llama.cpp tool until its output matches the regex ``marker``: llama.cpp logs from a background
+    thread and, on a loaded machine, the process sometimes exits before its last lines are (fully) written."""
     for _ in range(3):
         r = subprocess.run(list(map(str, argv)), check=True, capture_output=True, text=True)
-        if marker in r.stdout + r.stderr:
+        if re.search(marker, r.stdout + r.stderr):
             return r.stdout + r.stderr
     raise AssertionError(f"{marker!r} never printed:\n{(r.stdout + r.stderr)[-3000:]}")
 
@@ -52,12 +52,12 @@ def _llama_perplexity(ggufs, tmp_path):
     # defaults llama-perplexity batches windows and uses flash attention, which moves PPL by a few per mille)
     common = ["-f", numpy_license(), "-c", CTX, "--chunks", CHUNKS, "-ctk", "f32", "-ctv", "f32", "-t", 2,
               "-b", CTX, "-fa", "off", *EVAL_FLAGS]
-    txt = _run_tool([exe, "-m", ggufs["F32"], "--kl-divergence-base", base, *common], "Final estimate")
+    txt = _run_tool([exe, "-m", ggufs["F32"], "--kl-divergence-base", base, *common], r"Final estimate: PPL = [\d.]+")
     # the base run's PPL is exact; the --kl-divergence runs' "PPL(base)" is read back from 16-bit steps
     res = {"ref_ppl": float(re.search(r"Final estimate: PPL = ([\d.]+)", txt).group(1))}
     for t in ("Q8_0", "Q4_0"):
         txt = _run_tool([exe, "-m", ggufs[t], "--kl-divergence-base", base, "--kl-divergence", *common],
-                        "Same top p:")
+                        r"(?s)Mean PPL\(Q\)\s*:\s*[\d.]+.*Mean\s+KLD:\s*[\d.]+.*Same top p:\s*[\d.]+")
         res[t] = {k: float(re.search(p, txt).group(1)) for k, p in (
             ("ppl", r"Mean PPL\(Q\)\s*:\s*([\d.]+)"),
             ("kld", r"Mean\s+KLD:\s*([\d.]+)"), ("top", r"Same top p:\s*([\d.]+)"))}
