@@ -107,17 +107,10 @@ def main() -> None:
     out = "\n".join(lines)
     print(out)
     if not args.no_write:
-        bench = ROOT / "BENCHMARKS.md"
-        text = bench.read_text() if bench.exists() else ""
-        head = "## Memory of the layer-wise forward pass (imatrix, verify --text-file)"
-        block = f"{head}\n\n`python tools/bench_forward_memory.py` ({time.strftime('%Y-%m-%d')}).\n\n{out}\n"
-        if head in text:
-            i = text.index(head)
-            j = text.find("\n## ", i + len(head))
-            text = text[:i] + block + (text[j + 1:] if j >= 0 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-        bench.write_text(text)
+        from bench_memory import write_section
+
+        write_section(ROOT / "BENCHMARKS.md", f"`python tools/bench_forward_memory.py` ({time.strftime('%Y-%m-%d')}).\n\n{out}",
+                      "## Memory of the layer-wise forward pass (imatrix, verify --text-file)")
 
 
 if __name__ == "__main__":

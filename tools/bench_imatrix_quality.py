@@ -89,16 +89,10 @@ def main() -> None:
     out = meta + "\n\n" + "\n".join(lines) + "\n"
     print(out)
     if not args.no_write:
-        bench = ROOT / "BENCHMARKS.md"
-        text = bench.read_text()
-        block = f"{HEAD}\n\n`python tools/bench_imatrix_quality.py` ({time.strftime('%Y-%m-%d')}).\n\n{out}\n"
-        if HEAD in text:
-            i = text.index(HEAD)
-            j = text.find("\n## ", i + len(HEAD))
-            text = text[:i] + block + (text[j + 1:] if j >= 0 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-        bench.write_text(text)
+        from bench_memory import write_section
+
+        write_section(ROOT / "BENCHMARKS.md", f"`python tools/bench_imatrix_quality.py` "
+                      f"({time.strftime('%Y-%m-%d')}).\n\n{out}", HEAD)
 
 
 if __name__ == "__main__":

@@ -257,11 +257,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Create or replace only the ``## Memory`` section of BENCHMARKS.md."""
+def write_section(path: Path, body: str, head: str = "## Memory") -> None:
+    """Create or replace only the ``head`` section of BENCHMARKS.md (the other benchmark scripts that own
+    one whole section use this too)."""
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    section = "## Memory\n\n" + body.rstrip() + "\n"
-    m = re.search(r"^## Memory\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
+    section = head + "\n\n" + body.rstrip() + "\n"
+    m = re.search("^" + re.escape(head) + r"\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
     if m:
         text = text[:m.start()] + section + ("\n" if m.end() < len(text) else "") + text[m.end():]
     else:

@@ -234,17 +234,10 @@ def main() -> None:
     print(out)
     (work / "results.json").write_text(json.dumps({"results": results, "imatrix": imx}, indent=1, default=str))
     if not args.no_write:
-        bench = ROOT / "BENCHMARKS.md"
-        text = bench.read_text() if bench.exists() else ""
-        head = "## Quality: verify --text-file and imatrix vs llama.cpp's tools"
-        block = (f"{head}\n\n`python tools/bench_quality.py` ({time.strftime('%Y-%m-%d')}).\n\n{out}\n")
-        if head in text:
-            i = text.index(head)
-            j = text.find("\n## ", i + len(head))
-            text = text[:i] + block + (text[j + 1:] if j >= 0 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-        bench.write_text(text)
+        from bench_memory import write_section
+
+        write_section(ROOT / "BENCHMARKS.md", f"`python tools/bench_quality.py` ({time.strftime('%Y-%m-%d')})."
+                      f"\n\n{out}", "## Quality: verify --text-file and imatrix vs llama.cpp's tools")
 
 
 if __name__ == "__main__":
